@@ -4,23 +4,24 @@ Fixtures
   tiny_model_dir          Path of ../shared/data/tiny-rwkv7 (skips when absent)
   tiny_model_path         its rwkv.cpp .bin file
   tiny_reference_logits   float32 [256]: logits after bytes `"in` (ids 34, 105, 110) from a zero state
-  tiny_weights            (ModelConfig, canonical weight dict) of the tiny model, official layout
+  tiny_weights            (ModelConfig, canonical weight dict) of the tiny model (load_checkpoint)
   small_configs           list of SMALL_CONFIGS; `small_config` is parametrized over them
   synthetic_checkpoint    factory: (config, fmt="pth"|"safetensors", seed=0, dtype="float32")
                           -> SyntheticCheckpoint(path, config, weights), written under tmp_path
+                          with mlx_rwkv.checkpoint.save_checkpoint
   official_rwkv           the official `rwkv` package's RWKV class (x070, CPU), or skip
 """
 from __future__ import annotations
 
 import os
 import platform
-import struct
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
 
+from mlx_rwkv.checkpoint import load_checkpoint, save_checkpoint
 from mlx_rwkv.config import ModelConfig
 from mlx_rwkv.synth import resolve_dtype, synthesize
 
@@ -104,32 +105,8 @@ def tiny_reference_logits(tiny_model_dir: Path) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def tiny_weights(tiny_model_path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    weights = read_rwkv_cpp(tiny_model_path)
-    return ModelConfig.from_shapes({k: v.shape for k, v in weights.items()}), weights
-
-
-def read_rwkv_cpp(path: Path) -> dict[str, np.ndarray]:
-    """An rwkv.cpp x070 file (format in the tiny model's README) rebuilt into the official layout."""
-    data = path.read_bytes()
-    magic, version = struct.unpack_from("<2i", data, 0)
-    assert (magic, version) == (0x67676D66, 101), f"{path} is not an rwkv.cpp v101 file"
-    offset, weights = 24, {}
-    while offset < len(data):
-        n_dims, key_len, dtype = struct.unpack_from("<3i", data, offset)
-        dims = struct.unpack_from(f"<{n_dims}i", data, offset + 12)[::-1]
-        offset += 12 + 4 * n_dims
-        key = data[offset : offset + key_len].decode()
-        offset += key_len
-        array = np.frombuffer(data, {0: "<f4", 1: "<f2"}[dtype], int(np.prod(dims)), offset).reshape(dims)
-        offset += array.nbytes
-        if key.endswith("att.x_rwkvag"):  # (6, 1, C) -> x_r x_w x_k x_v x_a x_g [1, 1, C]
-            for i, name in enumerate("rwkvag"):
-                weights[key.replace("x_rwkvag", "x_" + name)] = array[i : i + 1]
-        elif key.rsplit(".", 1)[-1] in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
-            weights[key] = array.T  # LoRA matrices are stored transposed
-        else:
-            weights[key] = array
-    return weights
+    checkpoint = load_checkpoint(tiny_model_path)
+    return checkpoint.config, checkpoint.weights
 
 
 # ---- synthetic checkpoints --------------------------------------------------------------------
@@ -149,35 +126,10 @@ def synthetic_checkpoint(tmp_path: Path) -> Callable[..., SyntheticCheckpoint]:
     def write(config: ModelConfig, fmt: str = "pth", seed: int = 0, dtype: str = "float32") -> SyntheticCheckpoint:
         weights = synthesize(config, seed=seed, dtype=dtype)
         path = tmp_path / f"synth-{config.fingerprint()}-{seed}-{resolve_dtype(dtype).name}.{fmt}"
-        if fmt == "pth":
-            _torch_save(weights, path)
-        elif fmt == "safetensors":
-            _safetensors_save(weights, path)
-        else:
-            raise ValueError(f"unknown checkpoint format {fmt!r}")
+        save_checkpoint(weights, path, format=fmt)
         return SyntheticCheckpoint(path, config, weights)
 
     return write
-
-
-def _to_torch(array: np.ndarray):
-    import torch
-
-    if array.dtype == resolve_dtype("bfloat16"):
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _torch_save(weights: dict[str, np.ndarray], path: Path) -> None:
-    import torch
-
-    torch.save({k: _to_torch(v) for k, v in weights.items()}, path)
-
-
-def _safetensors_save(weights: dict[str, np.ndarray], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: _to_torch(v) for k, v in weights.items()}, str(path))
 
 
 # ---- the official package ---------------------------------------------------------------------
