@@ -1,0 +1,69 @@
+"""Custom GPU kernels: one portable source per kernel, instantiated for Metal and for CUDA.
+
+A kernel body in `metal_kernels/<name>.inc` is written in a small portable vocabulary
+(`SHARED`, `BARRIER()`, `tid`, `gid`, plain C++ arithmetic); a per-backend prelude maps it onto
+Metal (`mx.fast.metal_kernel`) or CUDA (`mx.fast.cuda_kernel`). Grids count threads on both
+backends. On CPU `get_kernel` returns None and callers use their pure-MLX fallback.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable, Literal
+
+import mlx.core as mx
+
+Backend = Literal["metal", "cuda"]
+
+# Index variables every body may use; the Metal names make MLX declare the attributes.
+_INDEX_LINES: dict[str, str] = {
+    "metal": "const uint tid = thread_position_in_threadgroup.x;\n"
+    "const uint gid = threadgroup_position_in_grid.x;\n",
+    "cuda": "const uint tid = threadIdx.x;\nconst uint gid = blockIdx.x;\n",
+}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A kernel: its source file (metal_kernels/<name>.inc) and its argument names."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def read_source(filename: str) -> str:
+    return resources.files("metal_kernels").joinpath(filename).read_text()
+
+
+def render(spec: KernelSpec, backend: Backend) -> tuple[str, str]:
+    """The (header, body) pair handed to MLX for `backend`."""
+    header = read_source(f"prelude_{backend}.h")
+    body = _INDEX_LINES[backend] + read_source(f"{spec.name}.inc")
+    return header, body
+
+
+def gpu_backend() -> Backend | None:
+    """The GPU backend MLX runs on by default, or None on CPU."""
+    if mx.default_device().type != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+@functools.cache
+def _build(spec: KernelSpec, backend: Backend) -> Callable:
+    header, body = render(spec, backend)
+    factory = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    return factory(name=f"rwkv_{spec.name}", input_names=list(spec.inputs),
+                   output_names=list(spec.outputs), source=body, header=header)
+
+
+def get_kernel(spec: KernelSpec) -> Callable | None:
+    """The compiled-on-first-use kernel for the current backend, or None on CPU."""
+    backend = gpu_backend()
+    return None if backend is None else _build(spec, backend)

@@ -1,0 +1,186 @@
+"""The RWKV-7 (x070) forward pass in MLX, written next to the equations of DESIGN.md.
+
+Per layer:  x += TimeMix(ln1(x));  x += ChannelMix(ln2(x)).  One forward call builds one lazy
+graph; the decode step (T = 1) runs under `mx.compile`. Node budget per layer (decode, compiled):
+ln1, token-shift lerps, r/k/v as one batched matmul, the four LoRA down-projections as one
+batched matmul, their up-projections as another, the fused WKV kernel (recurrence, per-head
+norm, bonus, gate), the output matmul, ln2, the FFN key and value matmuls, and the elementwise
+glue between them, which `mx.compile` fuses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelConfig
+from .state import State
+from .wkv import wkv7
+
+Linear = Callable[[mx.array], mx.array]
+
+# Row order of the token-shift mix vectors: r k v feed the batched r/k/v matmul, then the
+# inputs of the four LoRAs (w, a, v, g); x_v appears twice because both paths read it.
+MIX_ORDER = ("x_r", "x_k", "x_v", "x_w", "x_a", "x_v", "x_g")
+LORAS = ("w", "a", "v", "g")  # decay, in-context rate, value residual, gate
+
+
+class Dense:
+    """y = x W^T for W (out, in); a stack W (G, out, in) applies to x (G, M, in)."""
+
+    def __init__(self, weight: mx.array):
+        self.weight = weight
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight.swapaxes(-1, -2)
+
+
+@dataclass
+class Layer:
+    ln1: tuple[mx.array, mx.array]
+    ln2: tuple[mx.array, mx.array]
+    att_mix: mx.array  # (7, C) in MIX_ORDER
+    att_rkv: Linear  # (3, M, C) -> (3, M, C)
+    lora_down: mx.array  # (4, C, D) zero-padded to the largest rank D
+    lora_up: mx.array  # (4, D, C)
+    w0: mx.array  # (C,)
+    a0: mx.array
+    v0: mx.array | None  # None in layer 0, which defines v_first
+    wkv_params: dict[str, mx.array]  # fp32 k_k, k_a, r_k, ln_w, ln_b
+    att_out: Linear
+    ffn_mix: mx.array  # (C,)
+    ffn_key: Linear
+    ffn_value: Linear
+
+
+def layer_norm(x: mx.array, wb: tuple[mx.array, mx.array]) -> mx.array:
+    return mx.fast.layer_norm(x, wb[0], wb[1], 1e-5)
+
+
+def token_shift(x: mx.array, x_prev: mx.array) -> mx.array:
+    """(B, T, C) -> the previous token's x for every position (x_prev for the first)."""
+    return mx.concatenate([x_prev[:, None, :], x[:, :-1, :]], axis=1) if x.shape[1] > 1 else x_prev[:, None, :]
+
+
+# LoRA activations by row (w: tanh, a: none, v: none, g: sigmoid), as broadcastable masks.
+_TANH_ROW = mx.array([1, 0, 0, 0], dtype=mx.bool_)[:, None, None]
+_SIGMOID_ROW = mx.array([0, 0, 0, 1], dtype=mx.bool_)[:, None, None]
+
+
+class RWKV7:
+    """An x070 model in MLX. `forward` runs prefill or decode; state lives in `State`."""
+
+    def __init__(self, config: ModelConfig, emb: mx.array, layers: Sequence[Layer],
+                 ln_out: tuple[mx.array, mx.array], head: Linear, dtype: mx.Dtype):
+        self.config = config
+        self.emb = emb  # (V, C), ln0 already applied
+        self.layers = list(layers)
+        self.ln_out = ln_out
+        self.head = head
+        self.dtype = dtype
+        self._compiled_step = mx.compile(self._step_arrays)
+
+    # -- public API ---------------------------------------------------------------------
+    def new_state(self, batch_size: int = 1) -> State:
+        return State.zeros(self.config, batch_size, self.dtype)
+
+    def forward(self, tokens: Sequence[int] | mx.array, state: State | None = None,
+                all_logits: bool = False, chunk_size: int = 1024) -> tuple[mx.array, State]:
+        """Logits for `tokens` and the state after them.
+
+        tokens: list of ints or mx.array (T,) -> logits (V,) or (T, V) with all_logits;
+        mx.array (B, T) -> (B, V) or (B, T, V). Long inputs run in chunks of `chunk_size`
+        tokens (evaluated between chunks so memory stays bounded). The result is lazy.
+        """
+        ids, batched = self._check_tokens(tokens)
+        B, T = ids.shape
+        state = self.new_state(B) if state is None else state
+        state.check(self.config, B)
+        outs = []
+        for start in range(0, T, chunk_size):
+            if start:  # bound the graph: materialize the state between chunks
+                mx.eval(state.arrays(), outs)
+            chunk = ids[:, start:start + chunk_size]
+            if chunk.shape[1] == 1:
+                logits, state = self.step(chunk[:, 0], state)
+                logits = logits[:, None, :]
+            else:
+                logits, state = self._run(chunk, state, all_logits)
+            outs.append(logits)
+        logits = mx.concatenate(outs, axis=1) if all_logits and len(outs) > 1 else outs[-1]
+        logits = logits if all_logits else logits[:, -1, :]
+        return (logits if batched else logits[0]), state
+
+    def step(self, tokens: mx.array, state: State) -> tuple[mx.array, State]:
+        """One decode step for (B,) token ids (compiled): logits (B, V) and the new state."""
+        logits, att_x, wkv, ffn_x = self._compiled_step(tokens, state.att_x, state.wkv, state.ffn_x)
+        return logits, state.replace(att_x, wkv, ffn_x)
+
+    # -- the forward pass -----------------------------------------------------------------
+    def _step_arrays(self, tokens, att_x, wkv, ffn_x):
+        logits, new = self._run(tokens[:, None], State.from_arrays(att_x, wkv, ffn_x), all_logits=True)
+        return logits[:, 0, :], new.att_x, new.wkv, new.ffn_x
+
+    def _run(self, ids: mx.array, state: State, all_logits: bool) -> tuple[mx.array, State]:
+        x = self.emb[ids]  # (B, T, C)
+        att_x, wkv, ffn_x = [], [], []
+        v_first = None
+        for i, layer in enumerate(self.layers):
+            h = layer_norm(x, layer.ln1)
+            dx, v_first, s = self._time_mix(layer, h, state.att_x[i], state.wkv[i], v_first)
+            att_x.append(h[:, -1, :])
+            wkv.append(s)
+            x = x + dx
+            h = layer_norm(x, layer.ln2)
+            x = x + self._channel_mix(layer, h, state.ffn_x[i])
+            ffn_x.append(h[:, -1, :])
+        if not all_logits:
+            x = x[:, -1:, :]
+        logits = self.head(layer_norm(x, self.ln_out))
+        return logits, state.replace(att_x, wkv, ffn_x)
+
+    def _time_mix(self, layer: Layer, x: mx.array, x_prev: mx.array, s: mx.array,
+                  v_first: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
+        B, T, C = x.shape
+        xx = token_shift(x, x_prev) - x
+        xs = (x + xx * layer.att_mix[:, None, None, :]).reshape(7, B * T, C)  # (7, B*T, C)
+        r, k, v = layer.att_rkv(xs[:3])  # each (B*T, C)
+        lora = xs[3:] @ layer.lora_down  # (4, B*T, D)
+        lora = mx.where(_TANH_ROW, mx.tanh(lora), mx.where(_SIGMOID_ROW, mx.sigmoid(lora), lora))
+        lw, la, lv, g = lora @ layer.lora_up  # each (B*T, C)
+        if layer.v0 is None:
+            v_first = v
+        else:  # value residual: blend this layer's v toward layer 0's
+            v = v + (v_first - v) * mx.sigmoid(layer.v0 + lv)
+        shape = (B, T, C)
+        y, s = wkv7(r.reshape(shape), k.reshape(shape), v.reshape(shape), g.reshape(shape),
+                    (layer.w0 + lw).reshape(shape), (layer.a0 + la).reshape(shape),
+                    layer.wkv_params, s)
+        return layer.att_out(y), v_first, s
+
+    def _channel_mix(self, layer: Layer, x: mx.array, x_prev: mx.array) -> mx.array:
+        k = x + (token_shift(x, x_prev) - x) * layer.ffn_mix
+        return layer.ffn_value(mx.square(mx.maximum(layer.ffn_key(k), 0)))
+
+    # -- input checks -------------------------------------------------------------------
+    def _check_tokens(self, tokens: Sequence[int] | mx.array) -> tuple[mx.array, bool]:
+        host = np.asarray(tokens if not isinstance(tokens, mx.array) else [], dtype=np.int64)
+        shape = tuple(tokens.shape) if isinstance(tokens, mx.array) else host.shape
+        if len(shape) not in (1, 2):
+            raise ValueError(f"tokens must be (T,) or (B, T), got shape {shape}")
+        if shape[-1] == 0:
+            raise ValueError("empty input: forward needs at least one token")
+        if isinstance(tokens, mx.array):
+            ids = tokens.astype(mx.int32)
+            lo, hi = mx.stack([mx.min(ids), mx.max(ids)]).tolist()
+        else:
+            ids = mx.array(host.astype(np.int32))
+            lo, hi = int(host.min()), int(host.max())
+        batched = ids.ndim == 2
+        ids = ids if batched else ids[None]
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range for this model's vocabulary (0..{self.config.vocab_size - 1})")
+        return ids, batched

@@ -1,0 +1,110 @@
+"""Recurrent state of an RWKV-7 model: constant size, the WKV part always fp32."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .model import RWKV7
+
+
+class StateError(ValueError):
+    """A state that does not belong to this model (other sizes, batch or a foreign file)."""
+
+
+@dataclass
+class State:
+    """Per layer: att_x (B, C) last ln1 output, wkv (B, H, N, N) fp32 S[v, k], ffn_x (B, C)."""
+
+    att_x: list[mx.array]
+    wkv: list[mx.array]
+    ffn_x: list[mx.array]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch_size: int, dtype: mx.Dtype) -> "State":
+        if batch_size < 1:
+            raise StateError(f"batch_size must be >= 1, got {batch_size}")
+        B, C, H, N, L = batch_size, config.n_embd, config.n_head, config.head_size, config.n_layer
+        return cls([mx.zeros((B, C), dtype) for _ in range(L)],
+                   [mx.zeros((B, H, N, N), mx.float32) for _ in range(L)],
+                   [mx.zeros((B, C), dtype) for _ in range(L)])
+
+    @classmethod
+    def from_arrays(cls, att_x, wkv, ffn_x) -> "State":
+        return cls(list(att_x), list(wkv), list(ffn_x))
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv[0].shape[0]
+
+    def replace(self, att_x, wkv, ffn_x) -> "State":
+        return State(list(att_x), list(wkv), list(ffn_x))
+
+    def arrays(self) -> list[mx.array]:
+        return [*self.att_x, *self.wkv, *self.ffn_x]
+
+    def copy(self) -> "State":
+        """An independent copy (MLX arrays are immutable, so sharing them is safe)."""
+        return State(list(self.att_x), list(self.wkv), list(self.ffn_x))
+
+    def check(self, config: ModelConfig, batch_size: int | None = None) -> None:
+        """Raise StateError unless this state fits `config` (and `batch_size`)."""
+        B = self.batch_size
+        want = (config.n_layer, (B, config.n_embd), (B, config.n_head, config.head_size, config.head_size))
+        got = (len(self.wkv), tuple(self.att_x[0].shape), tuple(self.wkv[0].shape))
+        if len(self.att_x) != len(self.wkv) or len(self.ffn_x) != len(self.wkv) or got != want:
+            raise StateError(f"state does not fit this model: layers/att_x/wkv shapes {got}, expected {want}")
+        if any(s.dtype != mx.float32 for s in self.wkv):
+            raise StateError("the WKV state must be float32")
+        if batch_size is not None and batch_size != B:
+            raise StateError(f"state has batch size {B} but the input has {batch_size} sequences")
+
+    def save(self, path: str | os.PathLike, model: "RWKV7") -> None:
+        """Write the state and the model's fingerprint to a .safetensors file, atomically."""
+        self.check(model.config)
+        tensors = {}
+        for i in range(len(self.wkv)):
+            tensors[f"{i}.att_x"] = self.att_x[i]
+            tensors[f"{i}.wkv"] = self.wkv[i]
+            tensors[f"{i}.ffn_x"] = self.ffn_x[i]
+        meta = {"format": "mlx-rwkv-state", "fingerprint": model.config.fingerprint(),
+                "config": json.dumps(model.config.__dict__)}
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
+        os.close(fd)
+        try:
+            mx.save_safetensors(tmp, tensors, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: "RWKV7") -> "State":
+        """Read a state saved by `save`; refuses states of another model."""
+        try:
+            tensors, meta = mx.load(str(path), return_metadata=True)
+        except Exception as e:  # noqa: BLE001 - MLX raises several types for bad files
+            raise StateError(f"{path}: not a readable state file ({e})") from None
+        if meta.get("format") != "mlx-rwkv-state":
+            raise StateError(f"{path}: not an mlx-rwkv state file")
+        if meta.get("fingerprint") != model.config.fingerprint():
+            raise StateError(f"{path}: this state was saved from another model ({meta.get('config')}), "
+                             f"not {model.config}")
+        L = model.config.n_layer
+        try:
+            state = cls([tensors[f"{i}.att_x"].astype(model.dtype) for i in range(L)],
+                        [tensors[f"{i}.wkv"] for i in range(L)],
+                        [tensors[f"{i}.ffn_x"].astype(model.dtype) for i in range(L)])
+        except KeyError as e:
+            raise StateError(f"{path}: state file is missing tensor {e}") from None
+        state.check(model.config)
+        return state
