@@ -13,13 +13,23 @@ sub-blocks at once, in cache-sized chunks spread over the CPU cores.
 """
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from tqdm import tqdm
+
+from mlx_rwkv.config import CheckpointError, ModelConfig, shapes_of
+
+if TYPE_CHECKING:  # mlx_rwkv.checkpoint is imported lazily: its loader may dispatch to this module
+    from mlx_rwkv.checkpoint import Checkpoint
 
 QK_K = 256  # weights per super-block
 BLOCK_BYTES = 144  # 2 + 2 + 12 + 128
@@ -263,3 +273,84 @@ def quantize_model(weights: Mapping[str, np.ndarray], include_head: bool = True,
 def dequantize_model(weights: Mapping[str, np.ndarray | Q4KTensor]) -> dict[str, np.ndarray]:
     """Every Q4KTensor replaced by its float32 weights (for oracles and tests)."""
     return {k: v.dequantize() if isinstance(v, Q4KTensor) else v for k, v in weights.items()}
+
+
+# ---------------------------------------------------------------- files
+# A quantized model is a .safetensors file: Q4_K tensors as uint8 blocks under "<key>.q4k",
+# every other tensor as it was, and metadata {"mlx_rwkv.format": "q4k",
+# "mlx_rwkv.q4k_shapes": JSON {key: [rows, K]}}.
+
+FORMAT_KEY, FORMAT, SHAPES_KEY, SUFFIX = "mlx_rwkv.format", "q4k", "mlx_rwkv.q4k_shapes", ".q4k"
+
+
+def save_quantized(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path) -> Path:
+    """Write a (partly) Q4_K model as .safetensors, atomically (temp file + rename)."""
+    path = Path(path)
+    tensors: dict[str, np.ndarray] = {}
+    shapes: dict[str, list[int]] = {}
+    for key, value in weights.items():
+        if isinstance(value, Q4KTensor):
+            tensors[key + SUFFIX] = np.ascontiguousarray(value.blocks)
+            shapes[key] = list(value.shape)
+        else:
+            tensors[key] = np.ascontiguousarray(value)
+    metadata = {FORMAT_KEY: FORMAT, SHAPES_KEY: json.dumps(shapes)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def is_quantized_file(path: str | Path) -> bool:
+    """Whether `path` is a .safetensors file written by save_quantized."""
+    try:
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get(FORMAT_KEY) == FORMAT
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
+        return False
+
+
+def load_quantized(path: str | Path) -> "Checkpoint":
+    """Read a file written by save_quantized -> Checkpoint(config, weights, path, "q4k")."""
+    from mlx_rwkv.checkpoint import Checkpoint
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+            if meta.get(FORMAT_KEY) != FORMAT:
+                raise CheckpointError(f"{path} is not a Q4_K model written by mlx-rwkv "
+                                      f"(metadata {FORMAT_KEY!r} is {meta.get(FORMAT_KEY)!r})")
+            shapes = json.loads(meta.get(SHAPES_KEY, "{}"))
+            raw = {key: f.get_tensor(key) for key in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"cannot read the quantized model {path}: {e}") from None
+    weights: dict[str, np.ndarray | Q4KTensor] = {}
+    for key, value in raw.items():
+        if key.endswith(SUFFIX) and key[: -len(SUFFIX)] in shapes:
+            name = key[: -len(SUFFIX)]
+            try:
+                weights[name] = Q4KTensor(value, tuple(shapes[name]))
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {name}: {e}") from None
+        else:
+            weights[key] = value
+    return Checkpoint(ModelConfig.from_shapes(shapes_of(weights)), weights, path, FORMAT)
+
+
+def quantize_file(in_path: str | Path, out_path: str | Path, include_head: bool = True) -> Path:
+    """`mlx-rwkv quantize IN OUT`: read any checkpoint, quantize it, write a Q4_K .safetensors."""
+    from mlx_rwkv.checkpoint import load_checkpoint
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        raise ValueError(f"refusing to overwrite the input {in_path}: choose another output path")
+    checkpoint = load_checkpoint(in_path)
+    return save_quantized(quantize_model(checkpoint.weights, include_head=include_head), out_path)
