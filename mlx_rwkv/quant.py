@@ -257,6 +257,10 @@ def quantize_model(weights: Mapping[str, np.ndarray], include_head: bool = True,
     that is already a Q4KTensor stays as it is.
     """
     todo = [k for k, v in weights.items() if is_quantizable(k, include_head) and not isinstance(v, Q4KTensor)]
+    bad = [f"{k} {list(weights[k].shape)}" for k in todo if weights[k].ndim != 2 or weights[k].shape[1] % QK_K]
+    if bad:
+        raise ValueError(f"Q4_K needs 2-D weights with a row length that is a multiple of {QK_K}; "
+                         f"{len(bad)} tensor(s) are not: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     out: dict[str, np.ndarray | Q4KTensor] = dict(weights)
     total = sum(weights[k].size for k in todo)
     with tqdm(total=total, unit="w", unit_scale=True, desc="Q4_K", disable=not progress) as bar:
