@@ -118,7 +118,8 @@ def main() -> None:
         peak = statistics.median(r["rss_peak_mb"] for r in rs)
         anon = statistics.median(r["anon_mb"] for r in rs)
         print(f"{name:<12}{median[name]:>9.3f}{size_mb * 2**20 / median[name] / 1e9:>7.2f}"
-              f"{median[name] / median['ours']:>8.2f}x{before:>10.0f}MB{peak:>8.0f}MB{peak - before:>6.0f}MB{anon:>11.0f}MB")
+              f"{median[name] / median['ours']:>8.2f}x{before:>10.0f}MB{peak:>8.0f}MB"
+              f"{peak - before:>6.0f}MB{anon:>11.0f}MB")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO.parent / "shared" / "data" / "tiny-rwkv7"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), BF16]
-CFG = ModelConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=50, d_decay=8, d_aaa=8, d_mv=4, d_gate=16, d_ffn=256)
+CFG = ModelConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=50,  # 2 heads
+                  d_decay=8, d_aaa=8, d_mv=4, d_gate=16, d_ffn=256)
 
 
 def random_weights(cfg: ModelConfig = CFG, dtype: np.dtype = DTYPES[0], seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,7 +105,8 @@ def test_safetensors_interop(tmp_path: Path) -> None:
     safetensors.numpy.save_file(weights, tmp_path / "theirs.safetensors")
     assert_same({k: v for k, v in sorted(read_tensors(tmp_path / "theirs.safetensors").items())},
                 dict(sorted(weights.items())))
-    mixed = dict(weights, **{"extra.bf16": weights["emb.weight"].astype(BF16), "extra.f32": np.ones((3, 5), np.float32)})
+    mixed = dict(weights)
+    mixed.update({"extra.bf16": weights["emb.weight"].astype(BF16), "extra.f32": np.ones((3, 5), np.float32)})
     save_checkpoint(mixed, tmp_path / "ours.safetensors")
     theirs = safetensors.torch.load_file(tmp_path / "ours.safetensors")
     assert_same({k: to_numpy(theirs[k]) for k in mixed}, mixed)
@@ -123,8 +125,10 @@ def write_rwkvcpp(weights: dict[str, np.ndarray], path: Path) -> None:
     records = []
     for key, arr in weights.items():
         prefix, _, name = key.rpartition(".")
-        if key in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2") or name in ("x_w", "x_k", "x_v", "x_a", "x_g") and "att" in prefix:
-            continue  # layer 0's v LoRA is absent; x_w..x_g go into x_rwkvag with x_r
+        if key in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"):
+            continue  # absent from rwkv.cpp files
+        if prefix.endswith(".att") and name in ("x_w", "x_k", "x_v", "x_a", "x_g"):
+            continue  # written into x_rwkvag together with x_r
         if name == "x_r":
             key, arr = f"{prefix}.x_rwkvag", np.concatenate([weights[f"{prefix}.x_{c}"] for c in "rwkvag"])
         elif name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
@@ -250,7 +254,8 @@ def call_pickle(func: str, arg: object, stack_global: bool) -> bytes:
         target = pickle.GLOBAL + f"{module}\n{name}\n".encode()
     args = pickle.dumps((arg,), protocol=2)[2:-1]  # the tuple's opcodes without PROTO and STOP
     key = pickle.dumps("emb.weight", protocol=2)[2:-1]
-    return pickle.PROTO + b"\x04" + pickle.EMPTY_DICT + key + target + args + pickle.REDUCE + pickle.SETITEM + pickle.STOP
+    call = target + args + pickle.REDUCE
+    return pickle.PROTO + b"\x04" + pickle.EMPTY_DICT + key + call + pickle.SETITEM + pickle.STOP
 
 
 @pytest.mark.parametrize("stack_global", [False, True], ids=["GLOBAL", "STACK_GLOBAL"])

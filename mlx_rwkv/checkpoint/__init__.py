@@ -40,7 +40,7 @@ class Checkpoint:
 
 
 def detect_format(path: str | Path) -> str:
-    """"pth", "safetensors" or "rwkvcpp" from the file's first bytes; CheckpointError otherwise."""
+    """The file's format from its first bytes: "pth", "safetensors" or "rwkvcpp" (else CheckpointError)."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(16)

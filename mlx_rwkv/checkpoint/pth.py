@@ -83,7 +83,7 @@ class _TensorUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED:
             return _ALLOWED[module, name]
         if module == "torch" and name.endswith("Storage"):
-            raise CheckpointError(f"unsupported tensor type torch.{name}: mlx-rwkv reads float32, float16 and bfloat16")
+            raise CheckpointError(f"unsupported tensor type torch.{name}: mlx-rwkv reads float32, float16, bfloat16")
         raise CheckpointError(
             f"refusing to load: the pickle asks for {module}.{name}, which rebuilding tensors does not "
             "need (mlx-rwkv never runs code from a checkpoint; a .pth must be a dict of tensors)")
