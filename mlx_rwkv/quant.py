@@ -263,7 +263,7 @@ def quantize_model(weights: Mapping[str, np.ndarray], include_head: bool = True,
                          f"{len(bad)} tensor(s) are not: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     out: dict[str, np.ndarray | Q4KTensor] = dict(weights)
     total = sum(weights[k].size for k in todo)
-    with tqdm(total=total, unit="w", unit_scale=True, desc="Q4_K", disable=not progress) as bar:
+    with tqdm(total=total, unit="w", unit_scale=True, desc="Q4_K", disable=not progress or not todo) as bar:
         for key in todo:
             w = weights[key]
             try:
