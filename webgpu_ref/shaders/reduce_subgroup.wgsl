@@ -1,0 +1,26 @@
+// Workgroup sums through subgroup adds: one partial per subgroup in workgroup memory.
+// Subgroups are assumed to cover consecutive local indices (true of 1-D workgroups on every
+// driver we know); any subgroup size works, including one larger than the workgroup.
+
+struct Lane {
+    @builtin(local_invocation_index) index: u32,
+    @builtin(subgroup_invocation_id) sg_lane: u32,
+    @builtin(subgroup_size) sg_size: u32,
+}
+
+var<workgroup> partial: array<vec4<f32>, WG>;
+
+// The sum of `v` over the workgroup, returned to every invocation. Call in uniform control flow.
+fn sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
+    let s = subgroupAdd(v);
+    if lane.sg_lane == 0u {
+        partial[lane.index / lane.sg_size] = s;
+    }
+    workgroupBarrier();
+    var total = partial[0];
+    for (var i = 1u; i < div_ceil(WG, lane.sg_size); i++) {
+        total += partial[i];
+    }
+    workgroupBarrier();
+    return total;
+}

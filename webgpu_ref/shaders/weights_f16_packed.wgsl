@@ -1,0 +1,11 @@
+// f16 weights without shader-f16: two halves per u32, widened with unpack2x16float.
+alias W4 = vec2<u32>;
+
+fn w4(v: W4) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y));
+}
+
+// 4 weights of `row`, columns col..col+3 (col % 4 == 0), of the (M, K) matrix at W4 `w_off`.
+fn load_w4(w_off: u32, k: u32, row: u32, col: u32) -> vec4<f32> {
+    return w4(w[w_off + (row * k + col) / 4u]);
+}
