@@ -10,8 +10,9 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from .config import ModelConfig
-from .model import LORAS, MIX_ORDER, RWKV7, Dense, Layer
+from .config import ModelConfig, config_for_shape
+from .model import LORAS, MIX_ORDER, RWKV7, Dense, Layer, Linear
+from .quant import Q4KTensor, is_quantized_file, load_quantized, quantize_model
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_SHAPE = "0.1B"  # the built-in synthetic model when no checkpoint is given
@@ -52,17 +53,40 @@ def _lora_stack(w: Mapping[str, np.ndarray], p: str, config: ModelConfig) -> tup
     return down, up
 
 
+class Stacked:
+    """Several projections applied to the rows of a (G, M, K) input: (G, M, N) out."""
+
+    def __init__(self, parts: list[Linear]):
+        self.parts = parts
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.stack([part(x[i]) for i, part in enumerate(self.parts)])
+
+
+def linear(w: np.ndarray | Q4KTensor, dtype: mx.Dtype) -> Linear:
+    """The projection for one weight [out, in]: a Q4_K kernel layer or a dense matmul."""
+    if isinstance(w, Q4KTensor):
+        from .q4k_linear import Q4KLinear
+
+        return Q4KLinear(w)
+    return Dense(to_mx(w, dtype))
+
+
 def build_layer(w: Mapping[str, np.ndarray], i: int, config: ModelConfig, dtype: mx.Dtype) -> Layer:
     p = f"blocks.{i}."
     vec = lambda name: to_mx(w[p + name].reshape(-1), dtype)  # noqa: E731
     vec32 = lambda name: to_mx(w[p + name].reshape(-1), mx.float32)  # noqa: E731
     down, up = _lora_stack(w, p, config)
-    rkv = np.stack([w[p + f"att.{n}.weight"] for n in ("receptance", "key", "value")])
+    rkv = [w[p + f"att.{n}.weight"] for n in ("receptance", "key", "value")]
+    if any(isinstance(m, Q4KTensor) for m in rkv):
+        att_rkv: Linear = Stacked([linear(m, dtype) for m in rkv])
+    else:  # one batched matmul for the three projections
+        att_rkv = Dense(to_mx(np.stack(rkv), dtype))
     return Layer(
         ln1=(vec("ln1.weight"), vec("ln1.bias")),
         ln2=(vec("ln2.weight"), vec("ln2.bias")),
         att_mix=to_mx(np.stack([f32(w[p + "att." + n]).reshape(-1) for n in MIX_ORDER]), dtype),
-        att_rkv=Dense(to_mx(rkv, dtype)),
+        att_rkv=att_rkv,
         lora_down=to_mx(down, dtype),
         lora_up=to_mx(up, dtype),
         w0=vec("att.w0"),
@@ -70,10 +94,10 @@ def build_layer(w: Mapping[str, np.ndarray], i: int, config: ModelConfig, dtype:
         v0=vec("att.v0") if i > 0 else None,
         wkv_params={"k_k": vec32("att.k_k"), "k_a": vec32("att.k_a"), "r_k": vec32("att.r_k"),
                     "ln_w": vec32("att.ln_x.weight"), "ln_b": vec32("att.ln_x.bias")},
-        att_out=Dense(to_mx(w[p + "att.output.weight"], dtype)),
+        att_out=linear(w[p + "att.output.weight"], dtype),
         ffn_mix=vec("ffn.x_k"),
-        ffn_key=Dense(to_mx(w[p + "ffn.key.weight"], dtype)),
-        ffn_value=Dense(to_mx(w[p + "ffn.value.weight"], dtype)),
+        ffn_key=linear(w[p + "ffn.key.weight"], dtype),
+        ffn_value=linear(w[p + "ffn.value.weight"], dtype),
     )
 
 
@@ -92,4 +116,56 @@ def build_model(weights: Mapping[str, np.ndarray], config: ModelConfig, dtype: s
         mx.eval(layers[-1].__dict__)
     return RWKV7(config, to_mx(emb, mxd), layers,
                  (to_mx(weights["ln_out.weight"], mxd), to_mx(weights["ln_out.bias"], mxd)),
-                 Dense(to_mx(weights["head.weight"], mxd)), mxd)
+                 linear(weights["head.weight"], mxd), mxd)
+
+
+def read_weights(path: str | os.PathLike | None) -> tuple[dict, ModelConfig, str]:
+    """(weights, config, description) from any supported file; None = the synthetic default."""
+    if path is None:
+        from .synth import synthesize
+
+        config = config_for_shape(DEFAULT_SHAPE)
+        return synthesize(config, seed=0, dtype=np.float16), config, f"synthetic {DEFAULT_SHAPE}"
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such model file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .gguf_io import load_gguf
+
+        ckpt = load_gguf(path)
+    elif is_quantized_file(path):
+        ckpt = load_quantized(path)
+    else:
+        from .checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+    return ckpt.weights, ckpt.config, f"{path} ({ckpt.format})"
+
+
+def tokenizer_for(config: ModelConfig):
+    """The World tokenizer for 65,536-token models, bytes for 256-token ones, else None."""
+    from .tokenizer import ByteTokenizer, WorldTokenizer
+
+    if config.vocab_size == 256:
+        return ByteTokenizer()
+    if config.vocab_size == 65536:
+        return WorldTokenizer()
+    return None
+
+
+def load(path: str | os.PathLike | None = None, dtype: str = "float16", quant: str | None = None,
+         progress: bool = False):
+    """Load a model and its tokenizer: `model, tokenizer = mlx_rwkv.load(path)`.
+
+    path: an official .pth, .safetensors, rwkv.cpp .bin, llama.cpp rwkv7 .gguf or a Q4_K file
+    written by `mlx-rwkv quantize`; None loads the built-in synthetic 0.1B model (random
+    weights: for trying the engine, not for text). quant: None or "q4k" (quantize at load).
+    """
+    if quant not in (None, "q4k"):
+        raise ValueError(f"quant must be None or 'q4k', got {quant!r}")
+    weights, config, _ = read_weights(path)
+    if quant == "q4k":
+        weights = quantize_model(weights, include_head=True)
+    return build_model(weights, config, dtype, progress), tokenizer_for(config)
