@@ -14,7 +14,8 @@ RANDOM_WEIGHTS_NOTE = ("note: no --model given: running the built-in synthetic 0
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint: .pth, .safetensors, rwkv.cpp .bin, rwkv7 .gguf, or a Q4_K file")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="weight dtype; auto = float16 on a GPU, float32 on CPU (MLX's CPU float16 is slow)")
     p.add_argument("--quant", choices=["q4k"], help="quantize the linear layers to Q4_K at load")
 
 
@@ -44,8 +45,11 @@ def sampling_from(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace):
+    from .kernels import gpu_backend
     from .loading import load
 
+    if args.dtype == "auto":
+        args.dtype = "float16" if gpu_backend() else "float32"
     if args.model is None:
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     t0 = time.perf_counter()
