@@ -220,12 +220,14 @@ class WebGPUModel:
         data = self.state_layout.pack(arrays)
         return WebGPUState(self, self.gpu.device.create_buffer_with_data(data=data, usage=STATE_USAGE))
 
-    def _holding(self, state: WebGPUState) -> wgpu.GPUBuffer:
-        """The buffer that holds `state`'s current contents."""
+    def _is_resident(self, state: WebGPUState) -> bool:
         if state.model is not self:
             raise ValueError("this state belongs to another model")
-        resident = self._resident() if self._resident else None
-        return self.buffers["state"] if resident is state else state.buffer
+        return self._resident is not None and self._resident() is state
+
+    def _holding(self, state: WebGPUState) -> wgpu.GPUBuffer:
+        """The buffer that holds `state`'s current contents."""
+        return self.buffers["state"] if self._is_resident(state) else state.buffer
 
     def read_state(self, state: WebGPUState) -> list[np.ndarray]:
         raw = self.gpu.device.queue.read_buffer(self._holding(state))
@@ -240,10 +242,10 @@ class WebGPUModel:
 
     def _make_resident(self, state: WebGPUState, encoder: wgpu.GPUCommandEncoder) -> None:
         """Move `state` into the working buffer the ops bind (saving the previous occupant)."""
-        resident = self._resident() if self._resident else None
-        if resident is state:
+        if self._is_resident(state):
             return
         live, size = self.buffers["state"], self.state_layout.nbytes
+        resident = self._resident() if self._resident else None
         if resident is not None:
             encoder.copy_buffer_to_buffer(live, 0, resident.buffer, 0, size)
         encoder.copy_buffer_to_buffer(state.buffer, 0, live, 0, size)

@@ -1,0 +1,254 @@
+"""The WebGPU reference engine against the float64 oracle, the MLX engine and the real tiny model.
+
+Tolerances (max abs logit error; logits are O(8)) were measured on lavapipe over the small
+configs and two seeds, then given a margin of 5-10x:
+  f32 weights vs oracle                       <= 7.4e-6  -> 1e-4
+  f16 weights vs oracle on f16-rounded weights <= 1e-5    -> 1e-4
+  f16 weights vs oracle on the f32 weights     <= 1.2e-2  -> 5e-2 (the cost of f16 storage)
+  Q4_K vs oracle on the dequantized weights    <= 3.7e-5  -> 2e-4
+  tiny real model vs its reference logits      2.4e-7     -> 1e-5
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import wgpu
+
+from mlx_rwkv.config import ModelConfig
+from mlx_rwkv.quant import Q4KTensor, dequantize_model, quantize_model
+from mlx_rwkv.synth import synthesize
+from oracle import forward as oracle_forward
+from webgpu_ref import NoAdapterError, WebGPUError, WebGPUModel
+from webgpu_ref import device as webgpu_device
+
+from conftest import SMALL_CONFIGS
+
+pytestmark = pytest.mark.webgpu
+
+F32_TOL, F16_ROUNDED_TOL, F16_TOL, Q4K_TOL, TINY_TOL = 1e-4, 1e-4, 5e-2, 2e-4, 1e-5
+# The smallest shape Q4_K takes (K a multiple of 256).
+C256 = ModelConfig(n_layer=2, n_embd=256, head_size=64, vocab_size=512, d_decay=32, d_aaa=32, d_mv=16,
+                   d_gate=64, d_ffn=1024)
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    try:
+        return webgpu_device.get_gpu()
+    except NoAdapterError as e:
+        pytest.skip(str(e))
+
+
+def tokens_for(config: ModelConfig, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, config.vocab_size, n)
+
+
+def f16_rounded(weights: dict) -> dict:
+    """The weights as the f16 engine stores them: matrices and the embedding in f16, vectors f32."""
+    vectors = ("ln", "x_", "w0", "a0", "v0", "k_k", "k_a", "r_k")
+    out = {}
+    for key, value in weights.items():
+        stored_f16 = not isinstance(value, Q4KTensor) and not any(part in key for part in vectors)
+        out[key] = np.asarray(value).astype(np.float16).astype(np.float32) if stored_f16 else value
+    return out
+
+
+def max_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - b).max())
+
+
+# ---- numerics against the oracle --------------------------------------------------------------
+
+def test_f32_matches_oracle(gpu, small_config):
+    weights = synthesize(small_config, seed=0)
+    tokens = tokens_for(small_config, 20)
+    reference, _ = oracle_forward(weights, small_config, tokens)
+    model = WebGPUModel.from_weights(weights, small_config, dtype="float32", prefill_chunk=8)
+    logits, state = model.forward(tokens[:17], all_logits=True)  # chunks of 8, 8, 1
+    assert logits.shape == (17, small_config.vocab_size) and logits.dtype == np.float32
+    for t in range(17, 20):  # then one token at a time (the mat-vec path)
+        step_logits, state = model.forward([tokens[t]], state)
+        assert step_logits.shape == (small_config.vocab_size,)
+        assert max_err(step_logits, reference[t]) < F32_TOL
+    assert max_err(logits, reference[:17]) < F32_TOL
+
+
+def test_f16_matches_oracle(gpu):
+    config = SMALL_CONFIGS["c320-h5"]
+    weights = synthesize(config, seed=1)
+    tokens = tokens_for(config, 12)
+    logits, _ = WebGPUModel.from_weights(weights, config).forward(tokens, all_logits=True)
+    assert max_err(logits, oracle_forward(f16_rounded(weights), config, tokens)[0]) < F16_ROUNDED_TOL
+    assert max_err(logits, oracle_forward(weights, config, tokens)[0]) < F16_TOL
+
+
+@pytest.mark.parametrize("f16, subgroups", [(False, False), (False, True), (True, False)])
+def test_feature_fallbacks(gpu, f16, subgroups):
+    """Packed-f16 weights without shader-f16, shared-memory sums without subgroups."""
+    config = SMALL_CONFIGS["c128-h2"]
+    weights = synthesize(config, seed=2)
+    tokens = tokens_for(config, 9)
+    model = WebGPUModel.from_weights(weights, config, f16=f16, subgroups=subgroups)
+    assert (model.gpu.f16, model.gpu.subgroups) == (f16, subgroups)
+    reference, _ = oracle_forward(f16_rounded(weights), config, tokens)
+    logits, state = model.forward(tokens[:-1], all_logits=True)
+    assert max_err(logits, reference[:-1]) < F16_ROUNDED_TOL
+    assert max_err(model.forward(tokens[-1:], state)[0], reference[-1]) < F16_ROUNDED_TOL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_q4k_matches_dequantized_oracle(gpu, dtype):
+    weights = quantize_model(synthesize(C256, seed=1), progress=False)
+    tokens = tokens_for(C256, 10)
+    oracle_weights = dequantize_model(f16_rounded(weights) if dtype == "float16" else weights)
+    reference, _ = oracle_forward(oracle_weights, C256, tokens)
+    model = WebGPUModel.from_weights(weights, C256, dtype=dtype)
+    assert {b.fmt for b in model.head} == {"q4k"}
+    logits, state = model.forward(tokens[:-2], all_logits=True)  # tiled matmul on Q4_K
+    assert max_err(logits, reference[:-2]) < Q4K_TOL
+    for t in (8, 9):  # Q4_K mat-vec
+        step_logits, state = model.forward([tokens[t]], state)
+        assert max_err(step_logits, reference[t]) < Q4K_TOL
+
+
+def test_quant_option_quantizes_at_load(gpu):
+    weights = synthesize(C256, seed=4)
+    tokens = tokens_for(C256, 4)
+    model = WebGPUModel.from_weights(weights, C256, dtype="float32", quant="q4k", quant_head=False)
+    assert {b.fmt for b in model.head} == {"f32"} and model.stages[0]["ffn_key"][0].fmt == "q4k"
+    reference, _ = oracle_forward(dequantize_model(quantize_model(weights, include_head=False, progress=False)),
+                                  C256, tokens)
+    assert max_err(model.forward(tokens)[0], reference[-1]) < Q4K_TOL
+
+
+# ---- one pass, several ways -------------------------------------------------------------------
+
+def test_prefill_equals_steps(gpu):
+    config = SMALL_CONFIGS["c128-h2"]
+    weights = synthesize(config, seed=5)
+    tokens = tokens_for(config, 13)
+    model = WebGPUModel.from_weights(weights, config, dtype="float32", prefill_chunk=5)
+    whole, _ = model.forward(tokens, all_logits=True)
+    state, steps = None, []
+    for token in tokens:
+        logits, state = model.forward([token], state)
+        steps.append(logits)
+    assert max_err(whole, np.array(steps)) < F32_TOL  # two f32 summation orders: measured 4e-5
+    last, _ = model.forward(tokens)
+    assert max_err(last, whole[-1]) < F32_TOL
+
+
+def test_per_op_sync_gives_the_same_logits(gpu):
+    config = SMALL_CONFIGS["v37-c192-h3"]
+    weights = synthesize(config, seed=6)
+    tokens = tokens_for(config, 6)
+    model = WebGPUModel.from_weights(weights, config)
+    one_submit, _ = model.forward(tokens, all_logits=True)
+    model.per_op_sync = True
+    per_op, _ = model.forward(tokens, all_logits=True)
+    np.testing.assert_array_equal(per_op, one_submit)
+
+
+def test_split_buffers_match_unsplit(gpu):
+    """A binding limit below the head's size splits matrices by rows instead of failing."""
+    config = SMALL_CONFIGS["c320-h5"]
+    weights = synthesize(config, seed=7)
+    tokens = tokens_for(config, 7)
+    whole = WebGPUModel.from_weights(weights, config)
+    split = WebGPUModel.from_weights(weights, config, max_binding=256 * 1024)  # head: 640 KB in f16
+    assert len(whole.head) == 1 and len(split.head) == 3
+    assert split.dispatches_per_token > whole.dispatches_per_token == 1 + 8 * config.n_layer + 2
+    np.testing.assert_allclose(split.forward(tokens, all_logits=True)[0],
+                               whole.forward(tokens, all_logits=True)[0], atol=1e-5)
+    np.testing.assert_allclose(split.forward(tokens[:1])[0], whole.forward(tokens[:1])[0], atol=1e-5)
+
+
+# ---- state ------------------------------------------------------------------------------------
+
+def test_state_round_trip(gpu):
+    config = SMALL_CONFIGS["c128-h2"]
+    weights = synthesize(config, seed=8)
+    tokens = tokens_for(config, 10)
+    model = WebGPUModel.from_weights(weights, config, dtype="float32")
+    _, oracle_state = oracle_forward(weights, config, tokens[:6])
+    reference, _ = oracle_forward(weights, config, tokens[6:], oracle_state)
+
+    _, state = model.forward(tokens[:6])
+    arrays = state.to_numpy()
+    assert [a.shape for a in arrays] == [s.shape for s in oracle_state]
+    assert all(a.dtype == np.float32 for a in arrays)
+    assert max(max_err(a, b) for a, b in zip(arrays, oracle_state)) < F32_TOL
+
+    branch = state.copy()
+    first, _ = model.forward(tokens[6:], state, all_logits=True)  # advances `state` in place
+    again, _ = model.forward(tokens[6:], branch, all_logits=True)
+    uploaded, _ = model.forward(tokens[6:], model.state_from_numpy(arrays), all_logits=True)
+    from_oracle, _ = model.forward(tokens[6:], oracle_state, all_logits=True)
+    for logits in (first, again, uploaded, from_oracle):
+        assert max_err(logits, reference) < F32_TOL
+    np.testing.assert_array_equal(again, first)
+    assert max_err(state.to_numpy()[1], branch.to_numpy()[1]) == 0.0
+
+
+def test_zero_state_is_zero(gpu):
+    config = SMALL_CONFIGS["l1-c64"]
+    model = WebGPUModel.from_weights(synthesize(config), config)
+    assert all(not a.any() for a in model.new_state().to_numpy())
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+def test_clear_errors(gpu):
+    config = SMALL_CONFIGS["l1-c64"]
+    weights = synthesize(config)
+    model = WebGPUModel.from_weights(weights, config)
+    with pytest.raises(ValueError, match="token ids"):
+        model.forward([config.vocab_size])
+    with pytest.raises(ValueError, match="at least one token"):
+        model.forward([])
+    with pytest.raises(ValueError, match="dtype"):
+        WebGPUModel.from_weights(weights, config, dtype="bfloat16")
+    with pytest.raises(ValueError, match="quant"):
+        WebGPUModel.from_weights(weights, config, quant="q8")
+    with pytest.raises(WebGPUError, match="max-storage-buffer-binding-size"):
+        WebGPUModel.from_weights(weights, config, max_binding=4096)
+    other = WebGPUModel.from_weights(weights, config)
+    with pytest.raises(ValueError, match="another model"):
+        model.forward([1], other.new_state())
+    with pytest.raises(ValueError, match="3 arrays per layer"):
+        model.state_from_numpy([np.zeros(config.n_embd)])
+
+
+def test_no_adapter_is_a_clear_error(monkeypatch):
+    def fail(**kwargs):
+        raise RuntimeError("Request adapter failed")
+
+    monkeypatch.setattr(wgpu.gpu, "request_adapter_sync", fail)
+    webgpu_device.adapter.cache_clear()
+    try:
+        with pytest.raises(NoAdapterError, match="Vulkan driver"):
+            webgpu_device.get_gpu()
+    finally:
+        webgpu_device.adapter.cache_clear()
+
+
+# ---- other engines and real weights -----------------------------------------------------------
+
+def test_tiny_real_model_reproduces_reference(gpu, tiny_model_path, tiny_reference_logits):
+    for dtype in ("float32", "float16"):
+        logits, _ = WebGPUModel.load(tiny_model_path, dtype=dtype).forward([34, 105, 110])
+        assert max_err(logits, tiny_reference_logits) < TINY_TOL
+
+
+@pytest.mark.parametrize("config, quant", [(SMALL_CONFIGS["c128-h2"], None), (C256, "q4k")], ids=["f32", "q4k"])
+def test_matches_mlx_engine(gpu, synthetic_checkpoint, config, quant):
+    mlx_rwkv = pytest.importorskip("mlx_rwkv")
+    checkpoint = synthetic_checkpoint(config, fmt="safetensors", seed=9)
+    tokens = tokens_for(config, 11).tolist()
+    mlx_model, _ = mlx_rwkv.load(checkpoint.path, dtype="float32", quant=quant)
+    mlx_logits, mlx_state = mlx_model.forward(tokens, all_logits=True)
+    logits, state = WebGPUModel.load(checkpoint.path, dtype="float32", quant=quant).forward(tokens, all_logits=True)
+    assert max_err(logits, np.array(mlx_logits)) < F32_TOL
+    ours = state.to_numpy()
+    for i in range(config.n_layer):
+        assert max_err(ours[3 * i + 1], np.array(mlx_state.wkv[i][0])) < F32_TOL
