@@ -1,9 +1,13 @@
 """A Q4_K linear layer for MLX: y = x @ W.T with W stored as llama.cpp Q4_K blocks.
 
-Every Q4_K sub-block of 32 weights is an affine 4-bit group: w = (d*sc) * q - (dmin*m). That
-is exactly MLX's `mx.quantize(bits=4, group_size=32)` form w = scale * q + bias, so the layer
-repacks the blocks once (nibbles reordered into MLX's uint32 words, 8 nibbles per word, low
-nibble first) and calls `mx.quantized_matmul`; this path runs on every backend (CPU included).
+On a GPU backend (Metal, CUDA) the blocks stay as they are and two custom kernels read them:
+`metal_kernels/q4k_matvec.inc` for up to MAX_MATVEC_ROWS activation rows (decode), and
+`metal_kernels/q4k_dequant.inc` + a dense matmul beyond that (prefill is compute-bound).
+
+On CPU (no custom kernels) the layer uses the fallback: every Q4_K sub-block of 32 weights is
+an affine 4-bit group w = (d*sc) * q - (dmin*m), exactly MLX's `mx.quantize(bits=4,
+group_size=32)` form w = scale * q + bias, so the blocks are repacked once (nibbles reordered
+into MLX's uint32 words, 8 nibbles per word, low nibble first) for `mx.quantized_matmul`.
 
 Exactness: with float32 scales/biases (the default) the repack is lossless: d*sc and dmin*m
 are exact in float32 (an 11-bit fp16 mantissa times a 6-bit integer) and scale*q is exact too
@@ -16,9 +20,15 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from mlx_rwkv.kernels import KernelSpec, get_kernel
 from mlx_rwkv.quant import BLOCK_BYTES, QK_K, SUB, Q4KTensor, unpack_scales
 
 GROUP, BITS = SUB, 4
+# wq / wh: the same blocks viewed as uint32 words and as halves (d, dmin readable as float)
+Q4K_MATVEC = KernelSpec(name="q4k_matvec", inputs=("wq", "wh", "x"), outputs=("y",))
+Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",))
+MAX_MATVEC_ROWS = 8  # activation rows per mat-vec launch (NT template: one build per count)
+ROWS_PER_GROUP = 4  # q4k_matvec: 64 threads, 2 rows per 32 lanes
 
 
 def repack_q4k(weight: Q4KTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,25 +49,61 @@ def repack_q4k(weight: Q4KTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class Q4KLinear:
-    """One Q4_K weight [rows, K] as an MLX layer: `layer(x[..., K]) -> y[..., rows]` in x.dtype."""
+    """One Q4_K weight [rows, K] as an MLX layer: `layer(x[..., K]) -> y[..., rows]` in x.dtype.
+
+    scale_dtype applies to the CPU fallback only (see the module docstring).
+    """
 
     def __init__(self, weight: Q4KTensor, scale_dtype: mx.Dtype = mx.float32) -> None:
         self.shape = weight.shape
-        wq, scales, biases = repack_q4k(weight)
-        self.wq = mx.array(wq)
-        self.scales = mx.array(scales).astype(scale_dtype)
-        self.biases = mx.array(biases).astype(scale_dtype)
+        self.kernel = get_kernel(Q4K_MATVEC)
+        if self.kernel is not None:
+            blocks = mx.array(weight.blocks)
+            self.wq = mx.view(blocks, mx.uint32)  # (rows, K/256*36)
+            self.wh = mx.view(blocks, mx.float16)  # (rows, K/256*72)
+        else:
+            wq, scales, biases = repack_q4k(weight)
+            self.wq = mx.array(wq)
+            self.scales = mx.array(scales).astype(scale_dtype)
+            self.biases = mx.array(biases).astype(scale_dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
         rows, k = self.shape
         if x.shape[-1] != k:
             raise ValueError(f"Q4KLinear expects inputs [..., {k}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k).astype(self.scales.dtype)  # 2-D: quantized_matmul fails on 1-D input on CUDA
-        y = mx.quantized_matmul(x2, self.wq, self.scales, self.biases, transpose=True,
-                                group_size=GROUP, bits=BITS)
-        return y.astype(x.dtype).reshape(*lead, rows)
+        x2 = x.reshape(-1, k)  # 2-D: quantized_matmul fails on 1-D input on CUDA
+        if self.kernel is None:
+            y = mx.quantized_matmul(x2.astype(self.scales.dtype), self.wq, self.scales, self.biases,
+                                    transpose=True, group_size=GROUP, bits=BITS).astype(x.dtype)
+        elif x2.shape[0] <= MAX_MATVEC_ROWS:
+            y = self._matvec(x2)
+        else:
+            y = x2 @ self._dense(x.dtype).T
+        return y.reshape(*lead, rows)
+
+    def _matvec(self, x2: mx.array) -> mx.array:
+        rows, k = self.shape
+        n = x2.shape[0]
+        groups = -(-rows // ROWS_PER_GROUP)
+        (y,) = self.kernel(
+            inputs=[self.wq, self.wh, x2],
+            template=[("TX", x2.dtype), ("ROWS", rows), ("K", k), ("NT", n)],
+            grid=(groups * 64, 1, 1), threadgroup=(64, 1, 1),
+            output_shapes=[(n, rows)], output_dtypes=[x2.dtype])
+        return y
+
+    def _dense(self, dtype: mx.Dtype) -> mx.array:
+        rows, k = self.shape
+        threads = rows * k // 8  # one per 8 weights
+        (w,) = get_kernel(Q4K_DEQUANT)(
+            inputs=[self.wq, self.wh], template=[("TX", dtype), ("ROWS", rows), ("K", k)],
+            grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
+            output_shapes=[(rows, k)], output_dtypes=[dtype])
+        return w
 
     def dequantize(self) -> mx.array:
-        """The weights [rows, K] as MLX sees them (for tests)."""
+        """The weights [rows, K] as this layer uses them, float32 (for tests)."""
+        if self.kernel is not None:
+            return self._dense(mx.float32)
         return mx.dequantize(self.wq, self.scales, self.biases, group_size=GROUP, bits=BITS)
