@@ -1,11 +1,12 @@
 """The RWKV-7 (x070) forward pass in MLX, written next to the equations of DESIGN.md.
 
 Per layer:  x += TimeMix(ln1(x));  x += ChannelMix(ln2(x)).  One forward call builds one lazy
-graph; the decode step (T = 1) runs under `mx.compile`. Node budget per layer (decode, compiled):
-ln1, token-shift lerps, r/k/v as one batched matmul, the four LoRA down-projections as one
-batched matmul, their up-projections as another, the fused WKV kernel (recurrence, per-head
-norm, bonus, gate), the output matmul, ln2, the FFN key and value matmuls, and the elementwise
-glue between them, which `mx.compile` fuses.
+graph; the decode step (T = 1) runs under `mx.compile`. Kernel launches per layer in decode on a
+GPU (11): norm_mix (residual add + ln1 + the seven token-shift lerps), r/k/v as one batched
+matmul, the four LoRA down-projections as one batched matmul, their activations, their
+up-projections as one batched matmul, the fused WKV kernel (decay, value residual, recurrence,
+per-head norm, bonus, gate), the output matmul, norm_mix (add + ln2 + lerp), FFN key matmul,
+squared ReLU, FFN value matmul.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
+from .norm_mix import norm_mix
 from .state import State
 from .wkv import wkv7
 
@@ -45,23 +47,11 @@ class Layer:
     att_rkv: Linear  # (3, M, C) -> (3, M, C)
     lora_down: mx.array  # (4, C, D) zero-padded to the largest rank D
     lora_up: mx.array  # (4, D, C)
-    w0: mx.array  # (C,)
-    a0: mx.array
-    v0: mx.array | None  # None in layer 0, which defines v_first
-    wkv_params: dict[str, mx.array]  # fp32 k_k, k_a, r_k, ln_w, ln_b
+    wkv_params: dict[str, mx.array]  # fp32 (C,) w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b
     att_out: Linear
-    ffn_mix: mx.array  # (C,)
+    ffn_mix: mx.array  # (1, C)
     ffn_key: Linear
     ffn_value: Linear
-
-
-def layer_norm(x: mx.array, wb: tuple[mx.array, mx.array]) -> mx.array:
-    return mx.fast.layer_norm(x, wb[0], wb[1], 1e-5)
-
-
-def token_shift(x: mx.array, x_prev: mx.array) -> mx.array:
-    """(B, T, C) -> the previous token's x for every position (x_prev for the first)."""
-    return mx.concatenate([x_prev[:, None, :], x[:, :-1, :]], axis=1) if x.shape[1] > 1 else x_prev[:, None, :]
 
 
 # LoRA activations by row (w: tanh, a: none, v: none, g: sigmoid), as broadcastable masks.
@@ -124,45 +114,37 @@ class RWKV7:
         return logits[:, 0, :], new.att_x, new.wkv, new.ffn_x
 
     def _run(self, ids: mx.array, state: State, all_logits: bool) -> tuple[mx.array, State]:
-        x = self.emb[ids]  # (B, T, C)
+        B, T = ids.shape
+        x, dx = self.emb[ids], None  # (B, T, C); dx: the pending residual update
         att_x, wkv, ffn_x = [], [], []
         v_first = None
         for i, layer in enumerate(self.layers):
-            h = layer_norm(x, layer.ln1)
-            dx, v_first, s = self._time_mix(layer, h, state.att_x[i], state.wkv[i], v_first)
+            x, h, xs = norm_mix(x, dx, layer.ln1, state.att_x[i], layer.att_mix)  # xs (7, B*T, C)
+            dx, v_first, s = self._time_mix(layer, xs, state.wkv[i], v_first, (B, T))
             att_x.append(h[:, -1, :])
             wkv.append(s)
-            x = x + dx
-            h = layer_norm(x, layer.ln2)
-            x = x + self._channel_mix(layer, h, state.ffn_x[i])
+            x, h, xk = norm_mix(x, dx, layer.ln2, state.ffn_x[i], layer.ffn_mix)  # xk (1, B*T, C)
+            dx = self._channel_mix(layer, xk[0]).reshape(x.shape)
             ffn_x.append(h[:, -1, :])
+        x = x + dx
         if not all_logits:
             x = x[:, -1:, :]
-        logits = self.head(layer_norm(x, self.ln_out))
+        logits = self.head(mx.fast.layer_norm(x, self.ln_out[0], self.ln_out[1], 1e-5))
         return logits, state.replace(att_x, wkv, ffn_x)
 
-    def _time_mix(self, layer: Layer, x: mx.array, x_prev: mx.array, s: mx.array,
-                  v_first: mx.array | None) -> tuple[mx.array, mx.array, mx.array]:
-        B, T, C = x.shape
-        xx = token_shift(x, x_prev) - x
-        xs = (x + xx * layer.att_mix[:, None, None, :]).reshape(7, B * T, C)  # (7, B*T, C)
+    def _time_mix(self, layer: Layer, xs: mx.array, s: mx.array, v_first: mx.array | None,
+                  bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:
         r, k, v = layer.att_rkv(xs[:3])  # each (B*T, C)
-        lora = xs[3:] @ layer.lora_down  # (4, B*T, D)
+        lora = xs[3:] @ layer.lora_down  # (4, B*T, D): inputs of the w, a, v, g LoRAs
         lora = mx.where(_TANH_ROW, mx.tanh(lora), mx.where(_SIGMOID_ROW, mx.sigmoid(lora), lora))
         lw, la, lv, g = lora @ layer.lora_up  # each (B*T, C)
-        if layer.v0 is None:
-            v_first = v
-        else:  # value residual: blend this layer's v toward layer 0's
-            v = v + (v_first - v) * mx.sigmoid(layer.v0 + lv)
-        shape = (B, T, C)
-        y, s = wkv7(r.reshape(shape), k.reshape(shape), v.reshape(shape), g.reshape(shape),
-                    (layer.w0 + lw).reshape(shape), (layer.a0 + la).reshape(shape),
-                    layer.wkv_params, s)
-        return layer.att_out(y), v_first, s
+        shape = (*bt, r.shape[-1])
+        r, k, v, g, lw, la, lv = (t.reshape(shape) for t in (r, k, v, g, lw, la, lv))
+        y, s = wkv7(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, s)
+        return layer.att_out(y), v if v_first is None else v_first, s
 
-    def _channel_mix(self, layer: Layer, x: mx.array, x_prev: mx.array) -> mx.array:
-        k = x + (token_shift(x, x_prev) - x) * layer.ffn_mix
-        return layer.ffn_value(mx.square(mx.maximum(layer.ffn_key(k), 0)))
+    def _channel_mix(self, layer: Layer, xk: mx.array) -> mx.array:
+        return layer.ffn_value(mx.square(mx.maximum(layer.ffn_key(xk), 0)))
 
     # -- input checks -------------------------------------------------------------------
     def _check_tokens(self, tokens: Sequence[int] | mx.array) -> tuple[mx.array, bool]:

@@ -1,70 +1,99 @@
-"""The fused WKV-7 step (recurrence + per-head norm, bonus and gate): kernel and MLX fallback."""
+"""The per-head part of the x070 time mix (WKV-7 recurrence, norm, bonus, gate).
+
+Three implementations of one computation:
+- `wkv7_fused` kernel: everything in one launch, for decode (T <= FUSED_MAX_T);
+- `wkv7_scan` kernel: the recurrence alone, for prefill, between token-parallel batched ops;
+- `wkv7_reference`: pure MLX (the CPU path and the kernels' test oracle).
+All keep the state and the decay in fp32.
+"""
 from __future__ import annotations
 
 import mlx.core as mx
 
 from .kernels import KernelSpec, get_kernel
 
-WKV7 = KernelSpec(
+WKV7_FUSED = KernelSpec(
     name="wkv7",
-    inputs=("r", "k", "v", "g", "w_raw", "a_raw", "k_k", "k_a", "r_k", "ln_w", "ln_b",
-            "state_in", "seq_len"),
+    inputs=("r", "k", "v", "g", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
+            "ln_w", "ln_b", "state_in", "seq_len"),
+    outputs=("y_out", "state_out"),
+)
+WKV7_SCAN = KernelSpec(
+    name="wkv7_scan",
+    inputs=("r", "w", "k", "v", "a", "b", "state_in", "seq_len"),
     outputs=("y_out", "state_out"),
 )
 
-DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay in (e^-0.607, 1)
+DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay in (0.545, 1)
 GROUP_NORM_EPS = 64e-5
+FUSED_MAX_T = 4  # above this, the scan kernel + batched ops win (the fused one is serial per token)
+SCAN_ROWS, SCAN_STAGE = 32, 16  # scan kernel: state rows per threadgroup, tokens per shared stage
+
+PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 
 
-def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, w_raw: mx.array, a_raw: mx.array,
-         params: dict[str, mx.array], state: mx.array) -> tuple[mx.array, mx.array]:
-    """Run the x070 time-mix core over a chunk.
+def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
+         lv: mx.array, v_first: mx.array | None, params: dict[str, mx.array],
+         state: mx.array) -> tuple[mx.array, mx.array]:
+    """Time-mix core over a chunk.
 
-    r, k, v, g, w_raw, a_raw: (B, T, C) activations (w_raw = w0 + decay LoRA, a_raw = a0 + a LoRA);
-    params: fp32 (C,) vectors k_k, k_a, r_k, ln_w, ln_b; state: (B, H, N, N) fp32, S[b, h, v, k].
-    Returns y (B, T, C) = (GroupNorm(S r) + bonus) * g in the activation dtype, and the new state.
+    r, k, v, g, lw, la, lv, v_first: (B, T, C) activations (lw/la/lv are the decay, rate and
+    value-residual LoRA outputs; v_first is layer 0's v, None in layer 0 itself);
+    params: fp32 (C,) vectors named in PARAM_NAMES; state: (B, H, N, N) fp32, S[b, h, v, k].
+    Returns y (B, T, C) in the activation dtype, ready for the output projection, and the state.
     """
-    kernel = get_kernel(WKV7)
-    if kernel is None:
-        return wkv7_reference(r, k, v, g, w_raw, a_raw, params, state)
     B, T, C = r.shape
-    _, H, N, _ = state.shape
-    y, new_state = kernel(
-        inputs=[r, k, v, g, w_raw, a_raw, params["k_k"], params["k_a"], params["r_k"],
-                params["ln_w"], params["ln_b"], state, mx.array([T], dtype=mx.int32)],
-        template=[("T", r.dtype), ("H", H), ("N", N)],
-        grid=(B * H * N, 1, 1),
-        threadgroup=(N, 1, 1),
-        output_shapes=[(B, T, C), state.shape],
-        output_dtypes=[r.dtype, mx.float32],
-    )
-    return y, new_state
+    fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T else None
+    if fused is not None:
+        _, H, N, _ = state.shape
+        first = v_first is None
+        y, new_state = fused(
+            inputs=[r, k, v, g, lw, la, v if first else lv, v if first else v_first,
+                    *(params[n] for n in PARAM_NAMES), state, mx.array([T], dtype=mx.int32)],
+            template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first))],
+            grid=(B * H * N, 1, 1), threadgroup=(N, 1, 1),
+            output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
+        return y, new_state
+    return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
-def wkv7_reference(r: mx.array, k: mx.array, v: mx.array, g: mx.array, w_raw: mx.array,
-                   a_raw: mx.array, params: dict[str, mx.array],
-                   state: mx.array) -> tuple[mx.array, mx.array]:
-    """Pure-MLX version of `wkv7` (the CPU path and the kernel's test oracle), fp32 inside."""
+def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.array, mx.array]:
+    """Token-parallel ops around the recurrence (scan kernel on a GPU, MLX ops on CPU)."""
     B, T, C = r.shape
     _, H, N, _ = state.shape
     f32 = lambda x: x.astype(mx.float32).reshape(B, T, H, N)  # noqa: E731  (B, T, H, N)
-    r32, k32, v32 = f32(r), f32(k), f32(v)
     p = {name: x.reshape(H, N) for name, x in params.items()}
-    a = mx.sigmoid(f32(a_raw))
-    w = mx.exp(-DECAY_SCALE * mx.sigmoid(f32(w_raw)))
+    r32, k32, v32 = f32(r), f32(k), f32(v)
+    if v_first is not None:  # value residual toward layer 0's v
+        v32 = v32 + (f32(v_first) - v32) * mx.sigmoid(p["v0"] + f32(lv))
+    w = mx.exp(-DECAY_SCALE * mx.sigmoid(p["w0"] + f32(lw)))
+    a = mx.sigmoid(p["a0"] + f32(la))
     kk = k32 * p["k_k"]
     kk = kk / mx.maximum(mx.sqrt(mx.sum(kk * kk, axis=-1, keepdims=True)), 1e-12)
     k32 = k32 * (1 + (a - 1) * p["k_a"])
-    ys = []
-    for t in range(T):
-        sa = state @ (-kk[:, t, :, :, None])  # (B, H, N, 1) = S(-kk)
-        state = (state * w[:, t, :, None, :] + sa * (kk[:, t] * a[:, t])[:, :, None, :]
-                 + v32[:, t, :, :, None] * k32[:, t, :, None, :])
-        ys.append((state @ r32[:, t, :, :, None])[..., 0])  # (B, H, N)
-    y = mx.stack(ys, axis=1)  # (B, T, H, N)
+    y, state = scan(r32, w, k32, v32, -kk, kk * a, state)  # (B, T, H, N)
     mean = mx.mean(y, axis=-1, keepdims=True)
     var = mx.mean(mx.square(y - mean), axis=-1, keepdims=True)
     y = (y - mean) / mx.sqrt(var + GROUP_NORM_EPS) * p["ln_w"] + p["ln_b"]
     bonus = mx.sum(r32 * k32 * p["r_k"], axis=-1, keepdims=True) * v32
     y = (y + bonus).reshape(B, T, C) * g.astype(mx.float32)
     return y.astype(r.dtype), state
+
+
+def scan(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
+    """y_t = S_t r_t with S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T; fp32 (B, T, H, N)."""
+    kernel = get_kernel(WKV7_SCAN)
+    B, T, H, N = r.shape
+    if kernel is not None:
+        y, state = kernel(
+            inputs=[r, w, k, v, a, b, state, mx.array([T], dtype=mx.int32)],
+            template=[("H", H), ("N", N), ("R", SCAN_ROWS), ("CH", SCAN_STAGE)],
+            grid=(B * H * N, 1, 1), threadgroup=(SCAN_ROWS, 1, 1),
+            output_shapes=[r.shape, state.shape], output_dtypes=[mx.float32, mx.float32])
+        return y, state
+    ys = []
+    for t in range(T):
+        sa = state @ a[:, t, :, :, None]  # (B, H, N, 1) = S a
+        state = state * w[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append((state @ r[:, t, :, :, None])[..., 0])
+    return mx.stack(ys, axis=1), state

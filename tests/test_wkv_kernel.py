@@ -1,9 +1,14 @@
-"""The fused WKV-7 kernel against its pure-MLX version (run on a GPU backend)."""
+"""The custom kernels (fused WKV-7, WKV-7 scan, norm_mix) against their pure-MLX versions.
+
+GPU-marked tests run where MLX has a GPU backend (the CUDA host, a Mac); on CPU they skip.
+"""
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rwkv.wkv import wkv7, wkv7_reference
+from mlx_rwkv import kernels, wkv
+from mlx_rwkv.norm_mix import norm_mix
+from mlx_rwkv.wkv import PARAM_NAMES, wkv7, wkv7_reference
 
 
 def random_inputs(B: int, T: int, H: int, N: int, dtype: mx.Dtype, seed: int):
@@ -11,39 +16,79 @@ def random_inputs(B: int, T: int, H: int, N: int, dtype: mx.Dtype, seed: int):
     C = H * N
     act = lambda scale=1.0: mx.array(rng.standard_normal((B, T, C)).astype(np.float32) * scale).astype(dtype)  # noqa: E731
     vec = lambda lo, hi: mx.array(rng.uniform(lo, hi, C).astype(np.float32))  # noqa: E731
-    params = {"k_k": vec(0.5, 1.0), "k_a": vec(0.5, 1.5), "r_k": vec(-0.1, 0.2),
-              "ln_w": vec(0.5, 1.5), "ln_b": vec(-0.1, 0.1)}
+    ranges = {"w0": (-2, 1), "a0": (-1, 1), "v0": (-1, 1), "k_k": (0.5, 1.0), "k_a": (0.5, 1.5),
+              "r_k": (-0.1, 0.2), "ln_w": (0.5, 1.5), "ln_b": (-0.1, 0.1)}
+    params = {n: vec(*ranges[n]) for n in PARAM_NAMES}
     state = mx.array(rng.standard_normal((B, H, N, N)).astype(np.float32) * 0.3)
-    return (act(), act(), act(), act(), act(2.0), act()), params, state
+    acts = [act() for _ in range(8)]  # r, k, v, g, lw, la, lv, v_first
+    return acts, params, state
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,T,H", [(1, 1, 2), (1, 37, 3), (3, 5, 12), (2, 128, 4)])
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-def test_kernel_matches_reference(B, T, H, dtype):
-    (r, k, v, g, w, a), params, state = random_inputs(B, T, H, 64, dtype, seed=B * 100 + T)
-    y, s = wkv7(r, k, v, g, w, a, params, state)
-    y_ref, s_ref = wkv7_reference(r, k, v, g, w, a, params, state)
-    # the state is fp32 in both: only summation order differs
-    np.testing.assert_allclose(np.array(s), np.array(s_ref), rtol=1e-4, atol=1e-4)
-    tol = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 2e-2}[dtype]
+def assert_close(y, y_ref, s, s_ref, dtype):
+    np.testing.assert_allclose(np.array(s), np.array(s_ref), rtol=1e-4, atol=1e-4)  # fp32 in both
+    tol = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 3e-2}[dtype]
     yf, yr = np.array(y.astype(mx.float32)), np.array(y_ref.astype(mx.float32))
     assert np.abs(yf - yr).max() <= tol * max(1.0, np.abs(yr).max())
 
 
 @pytest.mark.gpu
-def test_kernel_long_sequence_no_recompile_and_chunk_consistency():
-    """Prompt lengths change without recompiling, and 2 chunks equal one sequence."""
-    (r, k, v, g, w, a), params, state = random_inputs(1, 300, 2, 64, mx.float32, seed=7)
-    y_all, s_all = wkv7(r, k, v, g, w, a, params, state)
+@pytest.mark.parametrize("B,T,H", [(1, 1, 2), (1, 3, 3), (3, 1, 12), (2, 4, 4), (1, 37, 3), (2, 200, 4)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("first", [True, False])
+def test_kernels_match_reference(B, T, H, dtype, first):
+    """T <= FUSED_MAX_T exercises the fused kernel, longer T the scan kernel."""
+    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(B, T, H, 64, dtype, seed=B * 100 + T)
+    vf = None if first else vf
+    y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
+    y_ref, s_ref = _on_cpu(wkv7_reference, r, k, v, g, lw, la, lv, vf, params, state)
+    assert_close(y, y_ref, s, s_ref, dtype)
+
+
+def _on_cpu(fn, *args):
+    """Run `fn` with kernels disabled (pure MLX ops) on the CPU device."""
+    prev = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        out = fn(*args)
+        mx.eval(out)
+    finally:
+        mx.set_default_device(prev)
+    return out
+
+
+@pytest.mark.gpu
+def test_prompt_lengths_do_not_change_results_across_chunks():
+    """A new length runs without recompiling, and two chunks equal one sequence."""
+    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(1, 300, 2, 64, mx.float32, seed=7)
+    y_all, s_all = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
     cut = 123
-    y1, s1 = wkv7(*(x[:, :cut] for x in (r, k, v, g, w, a)), params, state)
-    y2, s2 = wkv7(*(x[:, cut:] for x in (r, k, v, g, w, a)), params, s1)
-    np.testing.assert_allclose(np.array(mx.concatenate([y1, y2], axis=1)), np.array(y_all), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.array(s2), np.array(s_all), rtol=1e-5, atol=1e-5)
+    y1, s1 = wkv7(*(x[:, :cut] for x in (r, k, v, g, lw, la, lv, vf)), params, state)
+    y2, s2 = wkv7(*(x[:, cut:] for x in (r, k, v, g, lw, la, lv, vf)), params, s1)
+    np.testing.assert_allclose(np.array(mx.concatenate([y1, y2], axis=1)), np.array(y_all), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(s2), np.array(s_all), rtol=1e-4, atol=1e-4)
 
 
-def test_reference_state_stays_fp32_with_half_inputs():
-    (r, k, v, g, w, a), params, state = random_inputs(1, 4, 2, 64, mx.float16, seed=3)
-    y, s = wkv7_reference(r, k, v, g, w, a, params, state)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("B,C,M", [(1, 768, 7), (3, 2048, 1), (2, 320, 7)])
+def test_norm_mix_kernel_matches_ops(dtype, B, C, M):
+    rng = np.random.default_rng(C + M)
+    arr = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)  # noqa: E731
+    x, dx, x_prev, ln, mix = arr(B, 1, C), arr(B, 1, C), arr(B, C), (arr(C), arr(C)), arr(M, C)
+    got = norm_mix(x, dx, ln, x_prev, mix)
+    want = _on_cpu(norm_mix, x, dx, ln, x_prev, mix)
+    tol = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 4e-2}[dtype]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.array(a.astype(mx.float32)).reshape(-1), np.array(b.astype(mx.float32)).reshape(-1),
+                                   rtol=tol, atol=tol)
+
+
+def test_reference_keeps_state_fp32_with_half_inputs():
+    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(1, 4, 2, 64, mx.float16, seed=3)
+    y, s = wkv7_reference(r, k, v, g, lw, la, lv, vf, params, state)
     assert s.dtype == mx.float32 and y.dtype == mx.float16
+
+
+def test_no_kernel_on_cpu():
+    if mx.default_device().type == mx.cpu:
+        assert kernels.get_kernel(wkv.WKV7_FUSED) is None and kernels.get_kernel(wkv.WKV7_SCAN) is None

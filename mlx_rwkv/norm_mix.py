@@ -1,0 +1,35 @@
+"""Residual add + LayerNorm + token-shift mixes: a fused kernel for decode, MLX ops otherwise."""
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .kernels import KernelSpec, get_kernel
+
+NORM_MIX = KernelSpec(name="norm_mix", inputs=("x_in", "dx", "x_prev", "ln_w", "ln_b", "mix"),
+                      outputs=("x_out", "h", "xs"))
+THREADS = 256
+
+
+def norm_mix(x: mx.array, dx: mx.array | None, ln: tuple[mx.array, mx.array], x_prev: mx.array,
+             mix: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """x (B, T, C) += dx; h = LayerNorm(x); xs[m] = h + (shift(h) - h) * mix[m].
+
+    x_prev (B, C) is the previous token's h (from the state); mix is (M, C).
+    Returns x, h and xs (M, B*T, C), the inputs of the projections that follow.
+    """
+    B, T, C = x.shape
+    M = mix.shape[0]
+    kernel = get_kernel(NORM_MIX) if T == 1 and dx is not None else None
+    if kernel is not None:
+        x_out, h, xs = kernel(
+            inputs=[x, dx, x_prev, ln[0], ln[1], mix],
+            template=[("T", x.dtype), ("B", B), ("C", C), ("M", M), ("TG", THREADS)],
+            grid=(B * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[x.shape, x.shape, (M, B, C)], output_dtypes=[x.dtype] * 3)
+        return x_out, h, xs
+    if dx is not None:
+        x = x + dx
+    h = mx.fast.layer_norm(x, ln[0], ln[1], 1e-5)
+    shifted = mx.concatenate([x_prev[:, None, :], h[:, :-1, :]], axis=1) if T > 1 else x_prev[:, None, :]
+    xs = h + (shifted - h) * mix[:, None, None, :]  # (M, B, T, C)
+    return x, h, xs.reshape(M, B * T, C)
