@@ -110,7 +110,7 @@ class RWKV7:
 
     # -- the forward pass -----------------------------------------------------------------
     def _step_arrays(self, tokens, att_x, wkv, ffn_x):
-        logits, new = self._run(tokens[:, None], State.from_arrays(att_x, wkv, ffn_x), all_logits=True)
+        logits, new = self._run(tokens[:, None], State(att_x, wkv, ffn_x), all_logits=True)
         return logits[:, 0, :], new.att_x, new.wkv, new.ffn_x
 
     def _run(self, ids: mx.array, state: State, all_logits: bool) -> tuple[mx.array, State]:
@@ -148,16 +148,21 @@ class RWKV7:
 
     # -- input checks -------------------------------------------------------------------
     def _check_tokens(self, tokens: Sequence[int] | mx.array) -> tuple[mx.array, bool]:
-        host = np.asarray(tokens if not isinstance(tokens, mx.array) else [], dtype=np.int64)
+        host = np.asarray(tokens if not isinstance(tokens, mx.array) else [])
         shape = tuple(tokens.shape) if isinstance(tokens, mx.array) else host.shape
         if len(shape) not in (1, 2):
             raise ValueError(f"tokens must be (T,) or (B, T), got shape {shape}")
         if shape[-1] == 0:
             raise ValueError("empty input: forward needs at least one token")
         if isinstance(tokens, mx.array):
+            if not mx.issubdtype(tokens.dtype, mx.integer):
+                raise ValueError(f"token ids must be integers, got an array of {tokens.dtype}")
+            lo, hi = mx.stack([mx.min(tokens), mx.max(tokens)]).tolist()
             ids = tokens.astype(mx.int32)
-            lo, hi = mx.stack([mx.min(ids), mx.max(ids)]).tolist()
         else:
+            raw = np.asarray(tokens)
+            if raw.dtype.kind not in "iu":
+                raise ValueError(f"token ids must be integers, got {raw.dtype} values such as {raw.flat[0]!r}")
             ids = mx.array(host.astype(np.int32))
             lo, hi = int(host.min()), int(host.max())
         batched = ids.ndim == 2

@@ -37,10 +37,6 @@ class State:
                    [mx.zeros((B, H, N, N), mx.float32) for _ in range(L)],
                    [mx.zeros((B, C), dtype) for _ in range(L)])
 
-    @classmethod
-    def from_arrays(cls, att_x, wkv, ffn_x) -> "State":
-        return cls(list(att_x), list(wkv), list(ffn_x))
-
     @property
     def batch_size(self) -> int:
         return self.wkv[0].shape[0]
@@ -52,16 +48,21 @@ class State:
         return [*self.att_x, *self.wkv, *self.ffn_x]
 
     def copy(self) -> "State":
-        """An independent copy (MLX arrays are immutable, so sharing them is safe)."""
-        return State(list(self.att_x), list(self.wkv), list(self.ffn_x))
+        """An independent copy (item assignment on MLX arrays is in place, so arrays are copied)."""
+        return State(*([mx.array(a) for a in part] for part in (self.att_x, self.wkv, self.ffn_x)))
 
     def check(self, config: ModelConfig, batch_size: int | None = None) -> None:
         """Raise StateError unless this state fits `config` (and `batch_size`)."""
         B = self.batch_size
-        want = (config.n_layer, (B, config.n_embd), (B, config.n_head, config.head_size, config.head_size))
-        got = (len(self.wkv), tuple(self.att_x[0].shape), tuple(self.wkv[0].shape))
-        if len(self.att_x) != len(self.wkv) or len(self.ffn_x) != len(self.wkv) or got != want:
-            raise StateError(f"state does not fit this model: layers/att_x/wkv shapes {got}, expected {want}")
+        L, C, H, N = config.n_layer, config.n_embd, config.n_head, config.head_size
+        if not len(self.att_x) == len(self.wkv) == len(self.ffn_x) == L:
+            raise StateError(f"state does not fit this model: it has {len(self.att_x)}/{len(self.wkv)}/{len(self.ffn_x)} layers "
+                             f"(att_x/wkv/ffn_x); this model has {L}")
+        for name, part, shape in (("att_x", self.att_x, (B, C)), ("wkv", self.wkv, (B, H, N, N)),
+                                  ("ffn_x", self.ffn_x, (B, C))):
+            for i, a in enumerate(part):
+                if tuple(a.shape) != shape:
+                    raise StateError(f"state does not fit this model: {name}[{i}] has shape {tuple(a.shape)}; this model needs {shape}")
         if any(s.dtype != mx.float32 for s in self.wkv):
             raise StateError("the WKV state must be float32")
         if batch_size is not None and batch_size != B:
@@ -91,7 +92,7 @@ class State:
     def load(cls, path: str | os.PathLike, model: "RWKV7") -> "State":
         """Read a state saved by `save`; refuses states of another model."""
         try:
-            tensors, meta = mx.load(str(path), return_metadata=True)
+            tensors, meta = mx.load(str(path), format="safetensors", return_metadata=True)
         except Exception as e:  # noqa: BLE001 - MLX raises several types for bad files
             raise StateError(f"{path}: not a readable state file ({e})") from None
         if meta.get("format") != "mlx-rwkv-state":
