@@ -22,16 +22,19 @@ from bench.graph_nodes import count_kernel_nodes
 from bench.results_io import record, write_results
 from mlx_rwkv.config import ModelConfig, config_for_shape
 from mlx_rwkv.loading import build_model
+from mlx_rwkv.quant import quantize_model
 from mlx_rwkv.synth import synthesize
 
-PRECISIONS = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+PRECISIONS = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "q4k": "float16"}
+MATRIX_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q4k": 144 / 256}  # Q4_K: 144-byte blocks of 256
 
 
-def weight_bytes_per_token(config: ModelConfig, bytes_per_weight: float) -> float:
+def weight_bytes_per_token(config: ModelConfig, precision: str) -> float:
     """Bytes a decode step must read: every matrix once plus the head (one embedding row)."""
     C, F, L, V = config.n_embd, config.d_ffn, config.n_layer, config.vocab_size
     lora = C * (config.d_decay + config.d_aaa + config.d_mv + config.d_gate) * 2
-    return (L * (4 * C * C + 2 * C * F + lora) + V * C + C) * bytes_per_weight
+    small = 4 if precision == "f32" else 2  # LoRA stays in the activation dtype
+    return (L * (4 * C * C + 2 * C * F) + V * C) * MATRIX_BYTES[precision] + (L * lora + C) * small
 
 
 def time_decode(model, steps: int, compiled: bool, repeats: int) -> tuple[list[float], int]:
@@ -128,8 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     for shape in args.shape:
         config = config_for_shape(shape, n_layer=args.layers, vocab_size=args.vocab)
         weights = synthesize(config, seed=0, dtype=np.float16 if args.precision != "f32" else np.float32)
+        if args.precision == "q4k":
+            weights = quantize_model(weights, include_head=True)
         model = build_model(weights, config, PRECISIONS[args.precision])
-        bpt = weight_bytes_per_token(config, {"f16": 2, "bf16": 2, "f32": 4}[args.precision])
+        bpt = weight_bytes_per_token(config, args.precision)
         if bandwidth is None:
             from bench.results_io import measure_bandwidth_gb_s
             bandwidth = measure_bandwidth_gb_s()
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                               peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1)))
         print(f"{shape} {args.precision} prefill T={args.prefill_tokens}: {statistics.median(rates):.0f} tok/s", flush=True)
         del model
-        if args.official:
+        if args.official and args.precision != "q4k":
             try:
                 recs = bench_official(weights, config, shape, args.precision, min(args.decode_steps, 64),
                                       args.prefill_tokens, args.repeats)
