@@ -273,7 +273,8 @@ class WorldTokenizer(_Tokenizer):
     """The RWKV World tokenizer (vocab 65,536): ids identical to the official TRIE_TOKENIZER.
 
     Id 0 is end of text (`eos_id`) and decodes to b""; ids the vocabulary lacks (negative,
-    65530-65535, >= vocab_size) raise ValueError in decode.
+    65530-65535, >= vocab_size) raise ValueError in decode. Where the official `decode` returns
+    a lone "\ufffd" for any invalid UTF-8, ours replaces each bad byte sequence and keeps the rest.
     """
 
     eos_id = 0
