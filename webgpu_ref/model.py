@@ -205,6 +205,12 @@ class WebGPUModel:
         return self._ops[key]
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of every matrix on the GPU: what one decode step reads (the embedding is on the host)."""
+        batches = [b for stages in self.stages for bs in stages.values() for b in bs] + self.head
+        return sum(b.buffer.size for b in batches)
+
+    @property
     def dispatches_per_token(self) -> int:
         """Compute dispatches of one decode step."""
         return len(self.op_list("body", False)) + len(self.op_list("head", False))

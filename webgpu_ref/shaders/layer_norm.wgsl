@@ -14,8 +14,8 @@ struct NormParams {
     _p2: u32,
 }
 
-@group(0) @binding(0) var<uniform> p: NormParams;
-@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(0) var<uniform> p: NormParams;  // sizes and offsets of this op
+@group(0) @binding(1) var<uniform> step: Step;  // T
 @group(0) @binding(2) var<storage, read> src: array<f32>;  // (T, C)
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;  // (T, C), or (T + 1, C) with shift
 @group(0) @binding(4) var<storage, read> vecs: array<f32>;  // weight, bias (C)

@@ -26,8 +26,8 @@ struct LinearParams {
     groups: array<Group, 8>,
 }
 
-@group(0) @binding(0) var<uniform> p: LinearParams;
-@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(0) var<uniform> p: LinearParams;  // the groups of this op
+@group(0) @binding(1) var<uniform> step: Step;  // T
 @group(0) @binding(2) var<storage, read> w: array<W4>;  // groups' matrices, (M, K) row-major each
 @group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;  // inputs, (T [+ 1], K) per group
 @group(0) @binding(4) var<storage, read> vecs: array<vec4<f32>>;  // mixing vectors mu, (K)

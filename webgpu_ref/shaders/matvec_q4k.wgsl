@@ -1,11 +1,35 @@
-// Mat-vec for one token (decode) on Q4_K weights. A workgroup computes ROWS consecutive rows
-// of one group. Eight invocations share a super-block: invocation part p reads qs bytes
-// 16p..16p+15 (one vec4<u32>, 32 weights: 16 low nibbles of sub-block 2c and 16 high nibbles of
-// sub-block 2c + 1, c = p / 2) plus the block's 16-byte header; it loads its 32 inputs once and
-// applies them to all ROWS rows. Per sub-block the min term factors out:
+// Mat-vec for one token (decode) on Q4_K weights. A workgroup computes 8 consecutive rows of
+// one group. Eight invocations share a super-block: invocation part p reads qs bytes
+// 16p..16p+15 (one vec4<u32>, 32 weights: 16 low nibbles of sub-block 2c and 16 high nibbles
+// of sub-block 2c + 1, c = p / 2) plus the block's 16-byte header; it loads its 32 inputs once
+// and applies them to all 8 rows. Per sub-block the min term factors out:
 // sum (d*sc*q - dmin*m) x = d*sc*(q . x) - dmin*m*sum(x).
 
-@compute @workgroup_size(WG)
+struct Slice {
+    xl: array<vec4<f32>, 4>,  // inputs under the low nibbles
+    xh: array<vec4<f32>, 4>,  // inputs under the high nibbles
+    sums: vec2<f32>,  // (sum xl, sum xh)
+    c: u32,  // qs chunk
+    h: u32,  // which half of the chunk
+}
+
+// This invocation's share of one row: `block` is the row's super-block (W4 index).
+fn q4k_dot(block: u32, s: Slice) -> f32 {
+    let head = w[block];
+    let q = w[block + 1u + 2u * s.c + s.h];
+    let d = unpack2x16float(head.x);
+    let sl = scale_min(head, 2u * s.c);
+    let sh = scale_min(head, 2u * s.c + 1u);
+    var dl = 0.0;
+    var dh = 0.0;
+    for (var j = 0u; j < 4u; j++) {
+        dl += dot(nibbles(q[j], false), s.xl[j]);
+        dh += dot(nibbles(q[j], true), s.xh[j]);
+    }
+    return d.x * (sl.x * dl + sh.x * dh) - d.y * dot(vec2<f32>(sl.y, sh.y), s.sums);
+}
+
+@compute @workgroup_size(WG)  // ROWS = 8
 fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let at = locate(flat_id(wid, nwg), ROWS, 1u);
     if at.x >= p.n_groups {
@@ -14,42 +38,30 @@ fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let g = p.groups[at.x];
     let row0 = at.y * ROWS;
     let nb = g.k / 256u;  // super-blocks per row
-    var acc: array<f32, ROWS>;
+    // First super-block of each row; rows past M repeat the last one (their sums are not stored).
+    let last = g.m - 1u;
+    let r0 = g.w_off + vec4<u32>(min(row0, last), min(row0 + 1u, last), min(row0 + 2u, last), min(row0 + 3u, last)) * nb * Q4K_BLOCK;
+    let r1 = g.w_off + vec4<u32>(min(row0 + 4u, last), min(row0 + 5u, last), min(row0 + 6u, last), min(row0 + 7u, last)) * nb * Q4K_BLOCK;
+    var acc0 = vec4<f32>(0.0);  // rows row0 .. row0 + 3
+    var acc1 = vec4<f32>(0.0);  // rows row0 + 4 .. row0 + 7
     for (var u = lane.index; u < nb * 8u; u += WG) {
-        let b = u / 8u;
-        let c = (u % 8u) / 2u;
-        let h = u % 2u;
-        let col = 256u * b + 64u * c + 16u * h;  // low nibbles: inputs col..col+15; high: col+32..col+47
-        var xl: array<vec4<f32>, 4>;
-        var xh: array<vec4<f32>, 4>;
+        var s: Slice;
+        s.c = (u % 8u) / 2u;
+        s.h = u % 2u;
+        let col = 256u * (u / 8u) + 64u * s.c + 16u * s.h;  // low nibbles: col..col+15; high: col+32..col+47
         for (var j = 0u; j < 4u; j++) {
-            xl[j] = load_x4(g, 0u, col + 4u * j);
-            xh[j] = load_x4(g, 0u, col + 32u + 4u * j);
+            s.xl[j] = load_x4(g, 0u, col + 4u * j);
+            s.xh[j] = load_x4(g, 0u, col + 32u + 4u * j);
         }
         let one = vec4<f32>(1.0);
-        let sum_l = dot(xl[0] + xl[1] + xl[2] + xl[3], one);
-        let sum_h = dot(xh[0] + xh[1] + xh[2] + xh[3], one);
-        for (var r = 0u; r < ROWS; r++) {
-            let block = g.w_off + (min(row0 + r, g.m - 1u) * nb + b) * Q4K_BLOCK;
-            let head = w[block];
-            let q = w[block + 1u + 2u * c + h];
-            let d = unpack2x16float(head.x);
-            let sl = scale_min(head, 2u * c);
-            let sh = scale_min(head, 2u * c + 1u);
-            var dl = 0.0;
-            var dh = 0.0;
-            for (var j = 0u; j < 4u; j++) {
-                dl += dot(nibbles(q[j], false), xl[j]);
-                dh += dot(nibbles(q[j], true), xh[j]);
-            }
-            acc[r] += d.x * (sl.x * dl + sh.x * dh) - d.y * (sl.y * sum_l + sh.y * sum_h);
-        }
+        s.sums = vec2<f32>(dot(s.xl[0] + s.xl[1] + s.xl[2] + s.xl[3], one), dot(s.xh[0] + s.xh[1] + s.xh[2] + s.xh[3], one));
+        let o = (u / 8u) * Q4K_BLOCK;
+        acc0 += vec4<f32>(q4k_dot(r0.x + o, s), q4k_dot(r0.y + o, s), q4k_dot(r0.z + o, s), q4k_dot(r0.w + o, s));
+        acc1 += vec4<f32>(q4k_dot(r1.x + o, s), q4k_dot(r1.y + o, s), q4k_dot(r1.z + o, s), q4k_dot(r1.w + o, s));
     }
-    for (var r = 0u; r < ROWS; r += 4u) {
-        let total = sum4(vec4<f32>(acc[r], acc[r + 1u], acc[r + 2u], acc[r + 3u]), lane);
-        let row = row0 + r + lane.index;
-        if lane.index < 4u && row < g.m {
-            store(g, 0u, row, total[lane.index]);
-        }
+    let total0 = sum4(acc0, lane);
+    let total1 = sum4(acc1, lane);
+    if lane.index < ROWS && row0 + lane.index < g.m {
+        store(g, 0u, row0 + lane.index, select(total1[lane.index % 4u], total0[lane.index % 4u], lane.index < 4u));
     }
 }

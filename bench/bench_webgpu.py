@@ -1,0 +1,200 @@
+"""WebGPU reference engine throughput: decode / prefill tok/s and isolated mat-vec GB/s.
+
+    python -m bench.bench_webgpu --shape 0.1B 1.5B --precision f16 q4k [--write]
+    python -m bench.bench_webgpu --shape 0.1B --layers 2 --embd 128 --vocab 512   # quick smoke run
+
+Synthetic weights at real shapes (mlx_rwkv.synth, f16; Q4_K through mlx_rwkv.quant). Modes:
+  decode   batch 1, greedy (argmax on the host), one forward call = one submit + logits readback
+  prefill  T tokens from a zero state, last token's logits; one submit per chunk of the engine
+  kernel   one mat-vec (M x K, f16 or Q4_K) dispatched many times in one compute pass;
+           gb_s = weight bytes / (wall time of the submit / dispatches), dispatch cost included
+Strategies: `webgpu-one-submit` (the engine) and `webgpu-per-op` (submit and wait after every op).
+Records go to bench/results/<device>-<date>.json with --write (bench/results_io.py).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import wgpu
+
+from bench.results_io import measure_bandwidth_gb_s, record, write_results
+from mlx_rwkv.config import ModelConfig, config_for_shape
+from mlx_rwkv.quant import Q4KTensor, quantize_model, quantize_q4k
+from mlx_rwkv.synth import synthesize
+from webgpu_ref import WebGPUModel, get_gpu
+from webgpu_ref import ops
+from webgpu_ref.device import GPU
+from webgpu_ref.weights import Linear, to_matrix, upload
+
+STRATEGIES = {"one-submit": "webgpu-one-submit", "per-op": "webgpu-per-op"}
+KERNEL_BYTES = 2e9  # weight bytes streamed per kernel measurement (sets the dispatch count)
+
+
+def build(weights: dict, config: ModelConfig, precision: str, chunk: int) -> WebGPUModel:
+    if precision == "q4k":
+        weights = quantize_model(weights, progress=False)
+    return WebGPUModel.from_weights(weights, config, dtype="float16", prefill_chunk=chunk)
+
+
+def time_decode(model: WebGPUModel, steps: int, repeats: int) -> list[float]:
+    state, token = model.new_state(), 0
+    for _ in range(3):  # warm-up: pipelines, first submits
+        logits, state = model.forward([token], state)
+        token = int(np.argmax(logits))
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits, state = model.forward([token], state)
+            token = int(np.argmax(logits))
+        rates.append(steps / (time.perf_counter() - t0))
+    return rates
+
+
+def time_prefill(model: WebGPUModel, tokens: int, repeats: int) -> list[float]:
+    ids = np.random.default_rng(0).integers(1, model.config.vocab_size, tokens)
+    model.forward(ids)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.forward(ids)
+        rates.append(tokens / (time.perf_counter() - t0))
+    return rates
+
+
+def kernel_ops(gpu: GPU, rows: int, k: int, precision: str) -> tuple[list[ops.Op], int]:
+    """The mat-vec op(s) of one random [rows, K] matrix (several if it exceeds a binding) and its bytes."""
+    w = (np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) * 0.02).astype(np.float16)
+    weight = Q4KTensor(quantize_q4k(w), (rows, k)) if precision == "q4k" else w
+    batches = upload(gpu, [Linear("w", to_matrix(weight, "f16"), 0, None, 0)], gpu.max_binding)
+    device, usage = gpu.device, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
+    x = device.create_buffer_with_data(data=np.ones(k, np.float32), usage=usage)
+    vecs = device.create_buffer(size=64, usage=usage)
+    out = device.create_buffer(size=4 * rows, usage=usage)
+    step = device.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32), usage=wgpu.BufferUsage.UNIFORM)
+    kernels = [ops.linear(gpu, f"w.{i}", b.fmt, b.groups, b.buffer, x, vecs, out, step, False)
+               for i, b in enumerate(batches)]
+    return kernels, sum(b.buffer.size for b in batches)
+
+
+def time_kernel(gpu: GPU, kernels: list[ops.Op], nbytes: int, per_op: bool, repeats: int) -> list[float]:
+    """GB/s of weights for one pass of `kernels`, dispatched n times per submit (or one per submit)."""
+    device = gpu.device
+    n = max(10, min(1000, int(KERNEL_BYTES / nbytes)))
+    if per_op:
+        n = max(5, n // 10)
+    fence = device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+    scratch = device.create_buffer(size=4, usage=wgpu.BufferUsage.COPY_SRC)
+
+    def submit_and_wait(copies: int) -> float:
+        """Seconds from submit to completion of `copies` passes over the kernels (encoding excluded)."""
+        encoder = device.create_command_encoder()
+        compute_pass = encoder.begin_compute_pass()
+        for _ in range(copies):
+            ops.encode(compute_pass, kernels, 1)
+        compute_pass.end()
+        encoder.copy_buffer_to_buffer(scratch, 0, fence, 0, 4)
+        buffers = [encoder.finish()]
+        start = time.perf_counter()
+        device.queue.submit(buffers)
+        fence.map_sync(wgpu.MapMode.READ)
+        fence.unmap()
+        return time.perf_counter() - start
+
+    submit_and_wait(3)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        seconds = sum(submit_and_wait(1) for _ in range(n)) if per_op else submit_and_wait(n)
+        rates.append(n * nbytes / seconds / 1e9)
+    return rates
+
+
+def parse_kernel_shape(text: str) -> tuple[int, int]:
+    rows, k = (int(v) for v in text.lower().split("x"))
+    return rows, k
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", nargs="+", default=["0.1B"])
+    ap.add_argument("--precision", nargs="+", default=["f16", "q4k"], choices=["f16", "q4k"])
+    ap.add_argument("--mode", nargs="+", default=["kernel", "decode", "prefill"], choices=["kernel", "decode", "prefill"])
+    ap.add_argument("--strategy", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--layers", type=int, help="override the layer count (quick runs)")
+    ap.add_argument("--embd", type=int, help="override C (quick runs)")
+    ap.add_argument("--vocab", type=int, help="override the vocabulary size (quick runs)")
+    ap.add_argument("--kernel-shapes", nargs="+", help="MxK mat-vecs (default 4096x4096 and each shape's head)")
+    ap.add_argument("--decode-steps", type=int, default=128)
+    ap.add_argument("--per-op-steps", type=int, default=16, help="decode steps with a sync per op")
+    ap.add_argument("--prefill-tokens", type=int, default=1024)
+    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--write", action="store_true", help="merge the records into bench/results/")
+    args = ap.parse_args(argv)
+
+    gpu = get_gpu()
+    print(f"adapter: {gpu.name}  shader-f16={gpu.f16} subgroups={gpu.subgroups} "
+          f"max binding={gpu.max_binding / 2**20:.0f} MiB")
+    bandwidth = measure_bandwidth_gb_s()
+    roofline = (lambda gb_s: round(gb_s / bandwidth, 3)) if bandwidth else (lambda gb_s: None)  # noqa: E731
+    records = []
+    overrides = dict(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
+    custom = any(v is not None for v in overrides.values())
+    for shape in args.shape:
+        config = config_for_shape(shape, **overrides)
+        label = f"{shape}-L{config.n_layer}-C{config.n_embd}-V{config.vocab_size}" if custom else shape
+        if "kernel" in args.mode:
+            for text in args.kernel_shapes or ["4096x4096", f"{config.vocab_size}x{config.n_embd}"]:
+                rows, k = parse_kernel_shape(text)
+                for precision in args.precision:
+                    if precision == "q4k" and k % 256:
+                        print(f"kernel  {rows}x{k}: no Q4_K (K must be a multiple of 256)")
+                        continue
+                    kernels, nbytes = kernel_ops(gpu, rows, k, precision)
+                    for strategy in args.strategy:
+                        rates = time_kernel(gpu, kernels, nbytes, strategy == "per-op", args.repeats)
+                        records.append(record("webgpu", f"{rows}x{k}", precision, "kernel", STRATEGIES[strategy],
+                                              tokens=1, rates=rates, rate_key="gb_s", kernels_per_token=len(kernels),
+                                              roofline_fraction=roofline(statistics.median(rates))))
+                        print(f"kernel  {rows}x{k:<6} {precision:4} {strategy:10} {statistics.median(rates):9.1f} GB/s")
+        if not {"decode", "prefill"} & set(args.mode):
+            continue
+        weights = synthesize(config, seed=0, dtype=np.float16)
+        for precision in args.precision:
+            if precision == "q4k" and config.n_embd % 256:
+                print(f"{label}: no Q4_K (C must be a multiple of 256)")
+                continue
+            model = build(weights, config, precision, args.prefill_chunk)
+            per_token = model.dispatches_per_token
+            for strategy in args.strategy:
+                model.per_op_sync = strategy == "per-op"
+                if "decode" in args.mode:
+                    steps = args.per_op_steps if model.per_op_sync else args.decode_steps
+                    rates = time_decode(model, steps, args.repeats)
+                    gb_s = statistics.median(rates) * model.weight_bytes / 1e9
+                    records.append(record("webgpu", label, precision, "decode", STRATEGIES[strategy], tokens=steps,
+                                          rates=rates, kernels_per_token=per_token,
+                                          syncs_per_token=float(per_token + 1 if model.per_op_sync else 1),
+                                          roofline_fraction=roofline(gb_s)))
+                    print(f"decode  {label:8} {precision:4} {strategy:10} {statistics.median(rates):9.1f} tok/s "
+                          f"({per_token} dispatches/token, {gb_s:.0f} GB/s of weights)")
+                if "prefill" in args.mode:
+                    T = args.prefill_tokens
+                    rates = time_prefill(model, T, args.repeats)
+                    chunks = -(-T // model.t_max)
+                    dispatches = chunks * len(model.op_list("body", True)) + len(model.op_list("head", False))
+                    records.append(record("webgpu", label, precision, "prefill", STRATEGIES[strategy], tokens=T,
+                                          rates=rates, kernels_per_token=round(dispatches / T),
+                                          syncs_per_token=(dispatches if model.per_op_sync else 1) / T))
+                    print(f"prefill {label:8} {precision:4} {strategy:10} {statistics.median(rates):9.1f} tok/s "
+                          f"({T} tokens, chunks of {model.t_max})")
+            del model
+    if args.write:
+        print("wrote", write_results(records))
+
+
+if __name__ == "__main__":
+    main()
