@@ -7,6 +7,7 @@ sequence) so that the algorithm is checked in CI too, where no GPU exists.
 from __future__ import annotations
 
 import ctypes
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,12 +17,13 @@ import numpy as np
 import pytest
 
 from mlx_rwkv.kernels import read_source
-from mlx_rwkv.q4k_linear import Q4KLinear
+from mlx_rwkv.q4k_linear import MAX_MATVEC_ROWS, Q4KLinear
 from mlx_rwkv.quant import Q4KTensor, dequantize_q4k, quantize_q4k
 
 RNG = np.random.default_rng(7)
 
 
+@functools.cache
 def _weight(rows: int, k: int) -> Q4KTensor:
     w = RNG.standard_normal((rows, k)).astype(np.float32) * 0.02
     return Q4KTensor(quantize_q4k(w), (rows, k))
@@ -113,7 +115,10 @@ def test_kernel_matches_dequantized_matmul(rows: int, k: int, t: int) -> None:
     x = RNG.standard_normal((t, k)).astype(np.float32)
     ref = _reference(weight, x)
     scale = np.abs(ref).max()
-    for dtype, tol in [(mx.float32, 1e-5), (mx.float16, 4e-3), (mx.bfloat16, 3e-2)]:
+    # Beyond MAX_MATVEC_ROWS the layer dequantizes and calls MLX's matmul, which runs float32
+    # on TF32 tensor cores on CUDA (10-bit mantissa): hence the looser float32 bound there.
+    f32_tol = 1e-5 if t <= MAX_MATVEC_ROWS else 2e-3
+    for dtype, tol in [(mx.float32, f32_tol), (mx.float16, 4e-3), (mx.bfloat16, 3e-2)]:
         xd = mx.array(x).astype(dtype)
         y = layer(xd)
         assert y.dtype == dtype and y.shape == (t, rows)
