@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["0.1B"])
     ap.add_argument("--precision", nargs="+", default=["f16", "q4k"], choices=["f16", "q4k"])
-    ap.add_argument("--mode", nargs="+", default=["kernel", "decode", "prefill"], choices=["kernel", "decode", "prefill"])
+    modes = ["kernel", "decode", "prefill"]
+    ap.add_argument("--mode", nargs="+", default=modes, choices=modes)
     ap.add_argument("--strategy", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     ap.add_argument("--layers", type=int, help="override the layer count (quick runs)")
     ap.add_argument("--embd", type=int, help="override C (quick runs)")

@@ -15,7 +15,7 @@ import pytest
 import wgpu
 
 from mlx_rwkv.config import ModelConfig
-from mlx_rwkv.quant import Q4KTensor, dequantize_model, quantize_model
+from mlx_rwkv.quant import Q4KTensor, dequantize_model, quantize_model, save_quantized
 from mlx_rwkv.synth import synthesize
 from oracle import forward as oracle_forward
 from webgpu_ref import NoAdapterError, WebGPUError, WebGPUModel
@@ -119,6 +119,15 @@ def test_quant_option_quantizes_at_load(gpu):
     reference, _ = oracle_forward(dequantize_model(quantize_model(weights, include_head=False, progress=False)),
                                   C256, tokens)
     assert max_err(model.forward(tokens)[0], reference[-1]) < Q4K_TOL
+
+
+def test_loads_a_quantized_file(gpu, tmp_path):
+    weights = quantize_model(synthesize(C256, seed=3), progress=False)
+    path = save_quantized(weights, tmp_path / "q4k.safetensors")
+    tokens = tokens_for(C256, 5)
+    loaded = WebGPUModel.load(path, dtype="float32").forward(tokens, all_logits=True)[0]
+    direct = WebGPUModel.from_weights(weights, C256, dtype="float32").forward(tokens, all_logits=True)[0]
+    np.testing.assert_array_equal(loaded, direct)
 
 
 # ---- one pass, several ways -------------------------------------------------------------------

@@ -25,7 +25,7 @@ class Kernel:
     files: tuple[str, ...]  # op-family files, after the prelude, in order
     entry: str
     bindings: tuple[str, ...]  # "uniform" | "read" | "rw" for binding 0, 1, ...
-    consts: tuple[tuple[str, int], ...]  # e.g. (("WG", 256), ("ROWS", 8)); WG is required
+    consts: tuple[tuple[str, int], ...]  # e.g. (("WG", 256), ("N", 64)); WG is required
     weights: str | None = None  # "f16" | "f32" | "q4k" for the linear family
 
     @property

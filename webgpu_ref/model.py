@@ -30,6 +30,7 @@ FORMATS = {"float16": "f16", "float32": "f32"}
 # LoRA of the time mix: (name, its mixing vector, activation after the down-projection).
 LORAS = (("w", "x_w", "tanh"), ("a", "x_a", "none"), ("v", "x_v", "none"), ("g", "x_g", "sigmoid"))
 MIX_REGION = {"w": 0, "a": 1, "v": 2, "g": 3}  # regions of the `mix` buffer read by wkv7.wgsl
+DECODE = (False, True, False)  # (many tokens, head, all logits) of a decode step
 SCRATCH_USAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
 
 
@@ -54,6 +55,7 @@ class WebGPUModel:
         self.head = upload(gpu, [Linear("head", to_matrix(weights["head.weight"], fmt), 0, None, 0)], self.limit)
         self._ops: dict[tuple[str, bool], list[Op]] = {}
         self._resident: weakref.ref[WebGPUState] | None = None
+        self._spare_step: wgpu.GPUCommandBuffer | None = None  # the next decode step, encoded ahead
         self._staging = gpu.device.create_buffer(
             size=4 * self.t_max * config.vocab_size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         self._fence = gpu.device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
@@ -125,8 +127,8 @@ class WebGPUModel:
         device = self.gpu.device
         buffers = {name: device.create_buffer(label=name, size=4 * n, usage=SCRATCH_USAGE) for name, n in sizes.items()}
         buffers["state"] = device.create_buffer(label="state", size=self.state_layout.nbytes, usage=STATE_USAGE)
-        buffers["step"] = device.create_buffer(
-            label="step", size=16, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC)
+        step_usage = wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+        buffers["step"] = device.create_buffer(label="step", size=16, usage=step_usage)  # Step in prelude.wgsl
         return buffers
 
     def _lora_offsets(self) -> dict[str, int]:
@@ -287,33 +289,51 @@ class WebGPUModel:
     def _run_chunk(self, ids: np.ndarray, state: WebGPUState, head: bool, all_logits: bool) -> np.ndarray | None:
         """One submit (or one per op with per_op_sync) for up to t_max tokens; logits [rows, V] if head."""
         T, device, b = ids.size, self.gpu.device, self.buffers
-        many = T > 1
         device.queue.write_buffer(b["emb"], 0, self.emb[ids].astype(np.float32))
         device.queue.write_buffer(b["step"], 0, np.array([T, 0, 0, 0], np.uint32))
-        op_list = self.op_list("body", many) + (self.op_list("head", many and all_logits) if head else [])
+        key = (T > 1, head, all_logits)
         rows = (T if all_logits else 1) if head else 0
         encoder = device.create_command_encoder()
         self._make_resident(state, encoder)
         if self.per_op_sync:
-            for op in op_list:
+            for op in self._op_sequence(key):
                 self._record(encoder, [op], T)
                 encoder.copy_buffer_to_buffer(b["step"], 0, self._fence, 0, 4)
                 device.queue.submit([encoder.finish()])
                 self._fence.map_sync(wgpu.MapMode.READ)  # waits for the op
                 self._fence.unmap()
                 encoder = device.create_command_encoder()
+            self._copy_logits(encoder, rows)
+            device.queue.submit([encoder.finish()])
         else:
-            self._record(encoder, op_list, T)
-        nbytes = 4 * rows * self.config.vocab_size
-        if rows:
-            encoder.copy_buffer_to_buffer(b["logits"], 0, self._staging, 0, nbytes)
-        device.queue.submit([encoder.finish()])
+            commands = self._spare_step if key == DECODE and self._spare_step else self._commands(key, T, rows)
+            self._spare_step = None
+            device.queue.submit([encoder.finish(), commands])
+            if key == DECODE:  # encode the next step while the GPU runs this one (no data in it)
+                self._spare_step = self._commands(DECODE, 1, 1)
         if not rows:
             return None
+        nbytes = 4 * rows * self.config.vocab_size
         self._staging.map_sync(wgpu.MapMode.READ, 0, nbytes)
         logits = np.frombuffer(self._staging.read_mapped(0, nbytes), np.float32).reshape(rows, -1).copy()
         self._staging.unmap()
         return logits
+
+    def _op_sequence(self, key: tuple[bool, bool, bool]) -> list[Op]:
+        many, head, all_logits = key
+        return self.op_list("body", many) + (self.op_list("head", many and all_logits) if head else [])
+
+    def _commands(self, key: tuple[bool, bool, bool], tokens: int, rows: int) -> wgpu.GPUCommandBuffer:
+        """The whole chunk in one compute pass, then the logits copy to the staging buffer."""
+        encoder = self.gpu.device.create_command_encoder()
+        self._record(encoder, self._op_sequence(key), tokens)
+        self._copy_logits(encoder, rows)
+        return encoder.finish()
+
+    def _copy_logits(self, encoder: wgpu.GPUCommandEncoder, rows: int) -> None:
+        if rows:
+            nbytes = 4 * rows * self.config.vocab_size
+            encoder.copy_buffer_to_buffer(self.buffers["logits"], 0, self._staging, 0, nbytes)
 
     @staticmethod
     def _record(encoder: wgpu.GPUCommandEncoder, op_list: list[Op], tokens: int) -> None:

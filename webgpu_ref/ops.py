@@ -15,7 +15,7 @@ from .device import GPU, WebGPUError
 from .kernels import Kernel, pipeline
 
 MAX_GROUPS = 8  # groups per linear op (LinearParams.groups in linear.wgsl)
-MATVEC_ROWS = 8  # rows per workgroup of the mat-vec kernels
+MATVEC_ROWS = 8  # rows per workgroup of the mat-vec kernels (ROWS in matvec*.wgsl)
 TILE = 64  # rows and tokens per workgroup of the tiled matmul
 GRID_X = 65535  # WebGPU's default max workgroups per dimension; more spill into y
 ACTS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu_sq": 3, "add": 4}  # ACT_* in prelude.wgsl
@@ -101,7 +101,7 @@ def linear(gpu: GPU, name: str, fmt: str, groups: Sequence[Group], weights: wgpu
         per_invocation = 32 if fmt == "q4k" else 8  # columns one invocation takes per step
         wg = _pow2_between(max(g.k for g in groups) // per_invocation, 32, 256)
         body = "matvec_q4k.wgsl" if fmt == "q4k" else "matvec.wgsl"
-        kernel = Kernel(("linear.wgsl", body), "main", LINEAR_BINDINGS, (("WG", wg), ("ROWS", MATVEC_ROWS)), fmt)
+        kernel = Kernel(("linear.wgsl", body), "main", LINEAR_BINDINGS, (("WG", wg),), fmt)
         blocks = sum(-(-g.m // MATVEC_ROWS) for g in groups)
         grid = lambda t: flat_grid(blocks)  # noqa: E731
     return make_op(gpu, kernel, name, params, buffers, grid)

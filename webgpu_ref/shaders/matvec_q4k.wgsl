@@ -29,7 +29,14 @@ fn q4k_dot(block: u32, s: Slice) -> f32 {
     return d.x * (sl.x * dl + sh.x * dh) - d.y * dot(vec2<f32>(sl.y, sh.y), s.sums);
 }
 
-@compute @workgroup_size(WG)  // ROWS = 8
+// q4k_dot for 4 rows.
+fn q4k_dot4(blocks: vec4<u32>, s: Slice) -> vec4<f32> {
+    return vec4<f32>(q4k_dot(blocks.x, s), q4k_dot(blocks.y, s), q4k_dot(blocks.z, s), q4k_dot(blocks.w, s));
+}
+
+const ROWS: u32 = 8u;  // rows per workgroup, in two vec4 accumulators (ops.MATVEC_ROWS)
+
+@compute @workgroup_size(WG)
 fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let at = locate(flat_id(wid, nwg), ROWS, 1u);
     if at.x >= p.n_groups {
@@ -38,10 +45,8 @@ fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     let g = p.groups[at.x];
     let row0 = at.y * ROWS;
     let nb = g.k / 256u;  // super-blocks per row
-    // First super-block of each row; rows past M repeat the last one (their sums are not stored).
-    let last = g.m - 1u;
-    let r0 = g.w_off + vec4<u32>(min(row0, last), min(row0 + 1u, last), min(row0 + 2u, last), min(row0 + 3u, last)) * nb * Q4K_BLOCK;
-    let r1 = g.w_off + vec4<u32>(min(row0 + 4u, last), min(row0 + 5u, last), min(row0 + 6u, last), min(row0 + 7u, last)) * nb * Q4K_BLOCK;
+    let r0 = row_bases(g, row0, 0u, nb * Q4K_BLOCK);
+    let r1 = row_bases(g, row0, 1u, nb * Q4K_BLOCK);
     var acc0 = vec4<f32>(0.0);  // rows row0 .. row0 + 3
     var acc1 = vec4<f32>(0.0);  // rows row0 + 4 .. row0 + 7
     for (var u = lane.index; u < nb * 8u; u += WG) {
@@ -54,14 +59,16 @@ fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
             s.xh[j] = load_x4(g, 0u, col + 32u + 4u * j);
         }
         let one = vec4<f32>(1.0);
-        s.sums = vec2<f32>(dot(s.xl[0] + s.xl[1] + s.xl[2] + s.xl[3], one), dot(s.xh[0] + s.xh[1] + s.xh[2] + s.xh[3], one));
+        s.sums = vec2<f32>(dot(s.xl[0] + s.xl[1] + s.xl[2] + s.xl[3], one),
+                           dot(s.xh[0] + s.xh[1] + s.xh[2] + s.xh[3], one));
         let o = (u / 8u) * Q4K_BLOCK;
-        acc0 += vec4<f32>(q4k_dot(r0.x + o, s), q4k_dot(r0.y + o, s), q4k_dot(r0.z + o, s), q4k_dot(r0.w + o, s));
-        acc1 += vec4<f32>(q4k_dot(r1.x + o, s), q4k_dot(r1.y + o, s), q4k_dot(r1.z + o, s), q4k_dot(r1.w + o, s));
+        acc0 += q4k_dot4(r0 + o, s);
+        acc1 += q4k_dot4(r1 + o, s);
     }
     let total0 = sum4(acc0, lane);
     let total1 = sum4(acc1, lane);
     if lane.index < ROWS && row0 + lane.index < g.m {
-        store(g, 0u, row0 + lane.index, select(total1[lane.index % 4u], total0[lane.index % 4u], lane.index < 4u));
+        let total = select(total1, total0, lane.index < 4u);
+        store(g, 0u, row0 + lane.index, total[lane.index % 4u]);
     }
 }
