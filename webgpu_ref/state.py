@@ -47,7 +47,7 @@ class StateLayout:
         out = []
         for i in range(cfg.n_layer):
             out += [flat[self.att_x(i): self.wkv(i)].copy(),
-                    flat[self.wkv(i): self.ffn_x(i)].reshape(cfg.n_head, cfg.head_size, cfg.head_size),
+                    flat[self.wkv(i): self.ffn_x(i)].reshape(cfg.n_head, cfg.head_size, cfg.head_size).copy(),
                     flat[self.ffn_x(i): self.ffn_x(i) + self.c].copy()]
         return out
 
