@@ -235,9 +235,9 @@ def test_q4k_linear_matches_dequantized_matmul(rows: int, k: int) -> None:
     weight = Q4KTensor(quantize_q4k(w), (rows, k))
     layer = Q4KLinear(weight)
     deq = weight.dequantize()
-    # The repack is exact: MLX decodes the same float32 weights bit for bit.
+    # The repack (CPU) / dequant kernel (GPU) is exact: the same float32 weights bit for bit.
     np.testing.assert_array_equal(np.array(layer.dequantize()).view(np.uint32), deq.view(np.uint32))
-    for lead in [(), (1,), (3,), (2, 5)]:
+    for lead in [(), (1,), (3,), (2, 4)]:  # <= 8 rows: the GPU mat-vec kernel too (fp32 throughout)
         x = RNG.standard_normal((*lead, k)).astype(np.float32)
         y = layer(mx.array(x))
         assert y.shape == (*lead, rows) and y.dtype == mx.float32
