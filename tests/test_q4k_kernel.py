@@ -107,7 +107,7 @@ SHAPES = [(2048, 2048), (2560, 2560), (4096, 4096), (8192, 2048), (2048, 8192), 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows, k", SHAPES)
-@pytest.mark.parametrize("t", [1, 2, 5, 8, 9, 64])
+@pytest.mark.parametrize("t", [1, 3, 8, 9, 64])
 def test_kernel_matches_dequantized_matmul(rows: int, k: int, t: int) -> None:
     weight = _weight(rows, k)
     layer = Q4KLinear(weight)
