@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -141,18 +140,20 @@ def main(argv: list[str] | None = None) -> None:
         for strategy, compiled in (("compiled", True), ("whole-pass", False)):
             mx.reset_peak_memory()
             rates, nodes = time_decode(model, args.decode_steps, compiled, args.repeats)
-            med = statistics.median(rates)
-            records.append(record("mlx", shape, args.precision, "decode", strategy, tokens=args.decode_steps,
-                                  rates=rates, kernels_per_token=nodes, syncs_per_token=1.0,
-                                  peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1),
-                                  roofline_fraction=round(med * bpt / (bandwidth * 1e9), 4) if bandwidth else None))
-            print(f"{shape} {args.precision} decode {strategy}: {med:.1f} tok/s, {nodes} graph nodes/token", flush=True)
+            rec = record("mlx", shape, args.precision, "decode", strategy, tokens=args.decode_steps, rates=rates,
+                         kernels_per_token=nodes, syncs_per_token=1.0,
+                         peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1))
+            if bandwidth:  # from the recorded median, so the two fields agree
+                rec["roofline_fraction"] = round(rec["tok_s"] * bpt / (bandwidth * 1e9), 4)
+            records.append(rec)
+            print(f"{shape} {args.precision} decode {strategy}: {rec['tok_s']} tok/s, {nodes} graph nodes/token",
+                  flush=True)
         mx.reset_peak_memory()
         rates = time_prefill(model, args.prefill_tokens, args.repeats)
         records.append(record("mlx", shape, args.precision, "prefill", "whole-pass", tokens=args.prefill_tokens,
                               rates=rates, syncs_per_token=1 / args.prefill_tokens,
                               peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1)))
-        print(f"{shape} {args.precision} prefill T={args.prefill_tokens}: {statistics.median(rates):.0f} tok/s", flush=True)
+        print(f"{shape} {args.precision} prefill T={args.prefill_tokens}: {records[-1]['tok_s']} tok/s", flush=True)
         del model
         if args.official and args.precision != "q4k":
             try:

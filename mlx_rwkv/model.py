@@ -106,7 +106,7 @@ class RWKV7:
     def step(self, tokens: mx.array, state: State) -> tuple[mx.array, State]:
         """One decode step for (B,) token ids (compiled): logits (B, V) and the new state."""
         logits, att_x, wkv, ffn_x = self._compiled_step(tokens, state.att_x, state.wkv, state.ffn_x)
-        return logits, state.replace(att_x, wkv, ffn_x)
+        return logits, State(att_x, wkv, ffn_x)
 
     # -- the forward pass -----------------------------------------------------------------
     def _step_arrays(self, tokens, att_x, wkv, ffn_x):
@@ -130,7 +130,7 @@ class RWKV7:
         if not all_logits:
             x = x[:, -1:, :]
         logits = self.head(mx.fast.layer_norm(x, self.ln_out[0], self.ln_out[1], 1e-5))
-        return logits, state.replace(att_x, wkv, ffn_x)
+        return logits, State(att_x, wkv, ffn_x)
 
     def _time_mix(self, layer: Layer, xs: mx.array, s: mx.array, v_first: mx.array | None,
                   bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:
@@ -148,21 +148,20 @@ class RWKV7:
 
     # -- input checks -------------------------------------------------------------------
     def _check_tokens(self, tokens: Sequence[int] | mx.array) -> tuple[mx.array, bool]:
-        host = np.asarray(tokens if not isinstance(tokens, mx.array) else [])
-        shape = tuple(tokens.shape) if isinstance(tokens, mx.array) else host.shape
+        host = None if isinstance(tokens, mx.array) else np.asarray(tokens)
+        shape = tuple(tokens.shape) if host is None else host.shape
         if len(shape) not in (1, 2):
             raise ValueError(f"tokens must be (T,) or (B, T), got shape {shape}")
         if shape[-1] == 0:
             raise ValueError("empty input: forward needs at least one token")
-        if isinstance(tokens, mx.array):
+        if host is None:
             if not mx.issubdtype(tokens.dtype, mx.integer):
                 raise ValueError(f"token ids must be integers, got an array of {tokens.dtype}")
             lo, hi = mx.stack([mx.min(tokens), mx.max(tokens)]).tolist()
             ids = tokens.astype(mx.int32)
         else:
-            raw = np.asarray(tokens)
-            if raw.dtype.kind not in "iu":
-                raise ValueError(f"token ids must be integers, got {raw.dtype} values such as {raw.flat[0]!r}")
+            if host.dtype.kind not in "iu":
+                raise ValueError(f"token ids must be integers, got {host.dtype} values such as {host.flat[0]!r}")
             ids = mx.array(host.astype(np.int32))
             lo, hi = int(host.min()), int(host.max())
         batched = ids.ndim == 2

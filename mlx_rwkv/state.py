@@ -41,9 +41,6 @@ class State:
     def batch_size(self) -> int:
         return self.wkv[0].shape[0]
 
-    def replace(self, att_x, wkv, ffn_x) -> "State":
-        return State(list(att_x), list(wkv), list(ffn_x))
-
     def arrays(self) -> list[mx.array]:
         return [*self.att_x, *self.wkv, *self.ffn_x]
 
