@@ -3,3 +3,12 @@ typedef unsigned int uint;
 #define SHARED __shared__
 #define BARRIER() __syncthreads()
 #define DEVICE_FN __device__ __forceinline__
+#define SIMD_WIDTH 32
+// The sum of v over the 32 lanes of a warp, in every lane.
+#define SIMD_SUM(v) rwkv_warp_sum(v)
+DEVICE_FN float rwkv_warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}

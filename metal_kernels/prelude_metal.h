@@ -2,3 +2,6 @@
 #define SHARED threadgroup
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define DEVICE_FN inline
+#define SIMD_WIDTH 32
+// The sum of v over the 32 lanes of a SIMD-group, in every lane (Apple GPUs: 32 lanes).
+#define SIMD_SUM(v) simd_sum(v)

@@ -1,8 +1,9 @@
 """The per-head part of the x070 time mix (WKV-7 recurrence, norm, bonus, gate).
 
 Three implementations of one computation:
-- `wkv7_fused` kernel: everything in one launch, for decode (T <= FUSED_MAX_T);
-- `wkv7_scan` kernel: the recurrence alone, for prefill, between token-parallel batched ops;
+- `wkv7` kernel: everything in one launch, for decode (T <= FUSED_MAX_T; serial per token);
+- `wkv7_scan` + `wkv7_finish` kernels, for prefill: the recurrence with the per-token vector
+  math fused in (one SIMD-group per state row), then GroupNorm, bonus and gate token-parallel;
 - `wkv7_reference`: pure MLX (the CPU path and the kernels' test oracle).
 All keep the state and the decay in fp32.
 """
@@ -20,14 +21,18 @@ WKV7_FUSED = KernelSpec(
 )
 WKV7_SCAN = KernelSpec(
     name="wkv7_scan",
-    inputs=("r", "w", "k", "v", "a", "b", "state_in", "seq_len"),
-    outputs=("y_out", "state_out"),
+    inputs=("r", "k", "v", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
+            "state_in", "seq_len"),
+    outputs=("y_raw", "bonus", "state_out"),
 )
+WKV7_FINISH = KernelSpec(name="wkv7_finish", inputs=("y_raw", "bonus", "g", "ln_w", "ln_b"),
+                         outputs=("y",))
 
 DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay in (0.545, 1)
 GROUP_NORM_EPS = 64e-5
-FUSED_MAX_T = 4  # above this, the scan kernel + batched ops win (the fused one is serial per token)
-SCAN_ROWS, SCAN_STAGE = 32, 16  # scan kernel: state rows per threadgroup, tokens per shared stage
+FUSED_MAX_T = 4  # above this, scan + finish win (the fused kernel is serial per token)
+SIMD_WIDTH = 32  # lanes per SIMD-group (CUDA warp, Apple SIMD-group)
+SCAN_WARPS = 4  # scan kernel: SIMD-groups (state rows) per threadgroup
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 
@@ -54,11 +59,32 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
             grid=(B * H * N, 1, 1), threadgroup=(N, 1, 1),
             output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
         return y, new_state
+    scan = get_kernel(WKV7_SCAN) if state.shape[-1] % SIMD_WIDTH == 0 else None
+    if scan is not None:
+        return _scan_and_finish(scan, r, k, v, g, lw, la, lv, v_first, params, state)
     return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
+def _scan_and_finish(scan, r, k, v, g, lw, la, lv, v_first, params, state):
+    B, T, C = r.shape
+    _, H, N, _ = state.shape
+    first = v_first is None
+    y_raw, bonus, new_state = scan(
+        inputs=[r, k, v, lw, la, v if first else lv, v if first else v_first,
+                *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)],
+        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("WARPS", SCAN_WARPS)],
+        grid=(B * H * N * SIMD_WIDTH, 1, 1), threadgroup=(SCAN_WARPS * SIMD_WIDTH, 1, 1),
+        output_shapes=[r.shape, r.shape, state.shape], output_dtypes=[mx.float32] * 3)
+    (y,) = get_kernel(WKV7_FINISH)(
+        inputs=[y_raw, bonus, g, params["ln_w"], params["ln_b"]],
+        template=[("T", r.dtype), ("H", H), ("N", N)],
+        grid=(B * T * H * SIMD_WIDTH, 1, 1), threadgroup=(SIMD_WIDTH, 1, 1),
+        output_shapes=[r.shape], output_dtypes=[r.dtype])
+    return y, new_state
+
+
 def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.array, mx.array]:
-    """Token-parallel ops around the recurrence (scan kernel on a GPU, MLX ops on CPU)."""
+    """Token-parallel MLX ops around a token-by-token recurrence (the CPU path)."""
     B, T, C = r.shape
     _, H, N, _ = state.shape
     f32 = lambda x: x.astype(mx.float32).reshape(B, T, H, N)  # noqa: E731  (B, T, H, N)
@@ -71,7 +97,7 @@ def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.a
     kk = k32 * p["k_k"]
     kk = kk / mx.maximum(mx.sqrt(mx.sum(kk * kk, axis=-1, keepdims=True)), 1e-12)
     k32 = k32 * (1 + (a - 1) * p["k_a"])
-    y, state = scan(r32, w, k32, v32, -kk, kk * a, state)  # (B, T, H, N)
+    y, state = _recurrence(r32, w, k32, v32, -kk, kk * a, state)  # (B, T, H, N)
     mean = mx.mean(y, axis=-1, keepdims=True)
     var = mx.mean(mx.square(y - mean), axis=-1, keepdims=True)
     y = (y - mean) / mx.sqrt(var + GROUP_NORM_EPS) * p["ln_w"] + p["ln_b"]
@@ -80,19 +106,10 @@ def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.a
     return y.astype(r.dtype), state
 
 
-def scan(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
+def _recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
     """y_t = S_t r_t with S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T; fp32 (B, T, H, N)."""
-    kernel = get_kernel(WKV7_SCAN)
-    B, T, H, N = r.shape
-    if kernel is not None:
-        y, state = kernel(
-            inputs=[r, w, k, v, a, b, state, mx.array([T], dtype=mx.int32)],
-            template=[("H", H), ("N", N), ("R", SCAN_ROWS), ("CH", SCAN_STAGE)],
-            grid=(B * H * N, 1, 1), threadgroup=(SCAN_ROWS, 1, 1),
-            output_shapes=[r.shape, state.shape], output_dtypes=[mx.float32, mx.float32])
-        return y, state
     ys = []
-    for t in range(T):
+    for t in range(T := r.shape[1]):
         sa = state @ a[:, t, :, :, None]  # (B, H, N, 1) = S a
         state = state * w[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
         ys.append((state @ r[:, t, :, :, None])[..., 0])

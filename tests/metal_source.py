@@ -122,12 +122,15 @@ def _wkv7_call(dtype: mx.Dtype) -> None:
     wkv7(act, act, act, act, act, act, act, act, params, state)  # later layers: FIRST = 0
 
 
-def _wkv7_scan_call(dtype: mx.Dtype) -> None:  # fp32 whatever the activation dtype
-    from mlx_rwkv.wkv import scan
+def _wkv7_scan_call(dtype: mx.Dtype) -> None:  # prefill: wkv7_scan + wkv7_finish
+    from mlx_rwkv.wkv import FUSED_MAX_T, PARAM_NAMES, wkv7
 
-    B, T, H, N = 1, 5, 2, 64
-    x = mx.zeros((B, T, H, N))
-    scan(x, x, x, x, x, x, mx.zeros((B, H, N, N)))
+    B, T, H, N = 1, FUSED_MAX_T + 1, 2, 64
+    act = mx.zeros((B, T, H * N), dtype=dtype)
+    params = {n: mx.zeros((H * N,)) for n in PARAM_NAMES}
+    state = mx.zeros((B, H, N, N))
+    wkv7(act, act, act, act, act, act, act, None, params, state)
+    wkv7(act, act, act, act, act, act, act, act, params, state)
 
 
 def _norm_mix_call(dtype: mx.Dtype) -> None:
@@ -156,6 +159,7 @@ def _q4k_call(dtype: mx.Dtype) -> None:  # both Q4_K kernels: mat-vec (decode) a
 EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "wkv7": _wkv7_call,
     "wkv7_scan": _wkv7_scan_call,
+    "wkv7_finish": _wkv7_scan_call,
     "norm_mix": _norm_mix_call,
     "q4k_matvec": _q4k_call,
     "q4k_dequant": _q4k_call,
