@@ -12,3 +12,10 @@ DEVICE_FN float rwkv_warp_sum(float v) {
   }
   return v;
 }
+// Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
+#define LOAD_U4(ptr) (*((const uint4*)(ptr)))
+#define AS_FLOAT(u) __uint_as_float(u)
+#define HALF2_TO_FLOAT2(u) rwkv_half2_to_float2(u)
+DEVICE_FN float2 rwkv_half2_to_float2(uint u) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}

@@ -5,3 +5,7 @@
 #define SIMD_WIDTH 32
 // The sum of v over the 32 lanes of a SIMD-group, in every lane (Apple GPUs: 32 lanes).
 #define SIMD_SUM(v) simd_sum(v)
+// Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
+#define LOAD_U4(ptr) (*((const device uint4*)(ptr)))
+#define AS_FLOAT(u) as_type<float>(uint(u))
+#define HALF2_TO_FLOAT2(u) float2(as_type<half2>(uint(u)))

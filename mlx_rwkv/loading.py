@@ -11,7 +11,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import ModelConfig, config_for_shape
-from .model import LORAS, MIX_ORDER, RWKV7, Dense, Layer, Linear
+from .matvec import ProjectionGroup, Segment
+from .model import LORAS, MIX_ORDER, RWKV7, Layer
 from .quant import Q4KTensor, is_quantized_file, load_quantized, quantize_model
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -35,68 +36,56 @@ def layer_norm_np(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5
     return (x - mean) / np.sqrt(var + eps) * w + b
 
 
-def _lora_stack(w: Mapping[str, np.ndarray], p: str, config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The four LoRA pairs as (4, C, D) and (4, D, C), zero-padded to the largest rank D.
+def _loras(w: Mapping[str, np.ndarray], p: str, config: ModelConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The four LoRA pairs (down (C, D), up (D, C)) in LORAS order.
 
-    Padding is exact: padded down-projection columns give tanh(0) = 0 or sigmoid(0) = 0.5,
-    which meet zero rows of the up-projection. Layer 0 has no value LoRA: it stays zero.
+    Layer 0 has no value residual (its value LoRA, if the file has one, is never used): it
+    gets a zero pair, so every layer has the same projection layout.
     """
-    C = config.n_embd
-    D = max(config.d_decay, config.d_aaa, config.d_mv, config.d_gate)
-    down = np.zeros((4, C, D), np.float32)
-    up = np.zeros((4, D, C), np.float32)
-    for row, name in enumerate(LORAS):
-        if p + f"att.{name}1" in w and (name != "v" or not p.startswith("blocks.0.")):
-            w1, w2 = f32(w[p + f"att.{name}1"]), f32(w[p + f"att.{name}2"])
-            down[row, :, : w1.shape[1]] = w1
-            up[row, : w2.shape[0], :] = w2
-    return down, up
+    ranks = {"w": config.d_decay, "a": config.d_aaa, "v": config.d_mv, "g": config.d_gate}
+    pairs = []
+    for name in LORAS:
+        if name == "v" and p == "blocks.0.":
+            pairs.append((np.zeros((config.n_embd, ranks[name]), np.float32),
+                          np.zeros((ranks[name], config.n_embd), np.float32)))
+        else:
+            pairs.append((w[p + f"att.{name}1"], w[p + f"att.{name}2"]))
+    return pairs
 
 
-class Stacked:
-    """Several projections applied to the rows of a (G, M, K) input: (G, M, N) out."""
-
-    def __init__(self, parts: list[Linear]):
-        self.parts = parts
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.stack([part(x[i]) for i, part in enumerate(self.parts)])
-
-
-def linear(w: np.ndarray | Q4KTensor, dtype: mx.Dtype) -> Linear:
-    """The projection for one weight [out, in]: a Q4_K kernel layer or a dense matmul."""
-    if isinstance(w, Q4KTensor):
-        from .q4k_linear import Q4KLinear
-
-        return Q4KLinear(w)
-    return Dense(to_mx(w, dtype))
+def _dense_t(a: np.ndarray) -> np.ndarray:
+    """A LoRA matrix (in, out) as a projection weight (out, in)."""
+    return np.ascontiguousarray(np.asarray(a).T)
 
 
 def build_layer(w: Mapping[str, np.ndarray], i: int, config: ModelConfig, dtype: mx.Dtype) -> Layer:
     p = f"blocks.{i}."
+    C = config.n_embd
     vec = lambda name: to_mx(w[p + name].reshape(-1), dtype)  # noqa: E731
     vec32 = lambda name: to_mx(w[p + name].reshape(-1), mx.float32)  # noqa: E731
-    down, up = _lora_stack(w, p, config)
-    rkv = [w[p + f"att.{n}.weight"] for n in ("receptance", "key", "value")]
-    if any(isinstance(m, Q4KTensor) for m in rkv):
-        att_rkv: Linear = Stacked([linear(m, dtype) for m in rkv])
-    else:  # one batched matmul for the three projections
-        att_rkv = Dense(to_mx(np.stack(rkv), dtype))
+    group = lambda segments: ProjectionGroup(segments, dtype)  # noqa: E731
+    loras = _loras(w, p, config)
+    acts = {"w": "tanh", "g": "sigmoid"}
+    att_in = [Segment(w[p + f"att.{n}.weight"], x_base=slot * C)
+              for slot, n in enumerate(("receptance", "key", "value"))]
+    att_in += [Segment(_dense_t(down), acts.get(name, "none"), (3 + slot) * C)
+               for slot, (name, (down, _)) in enumerate(zip(LORAS, loras))]
+    hidden_bases = np.cumsum([0] + [down.shape[1] for down, _ in loras[:-1]])
+    lora_up = [Segment(_dense_t(up), x_base=int(base)) for (_, up), base in zip(loras, hidden_bases)]
     return Layer(
         ln1=(vec("ln1.weight"), vec("ln1.bias")),
         ln2=(vec("ln2.weight"), vec("ln2.bias")),
         att_mix=to_mx(np.stack([f32(w[p + "att." + n]).reshape(-1) for n in MIX_ORDER]), dtype),
-        att_rkv=att_rkv,
-        lora_down=to_mx(down, dtype),
-        lora_up=to_mx(up, dtype),
+        att_in=group(att_in),
+        lora_up=group(lora_up),
         wkv_params={"w0": vec32("att.w0"), "a0": vec32("att.a0"),
-                    "v0": vec32("att.v0") if i > 0 else mx.zeros((config.n_embd,), mx.float32),
+                    "v0": vec32("att.v0") if i > 0 else mx.zeros((C,), mx.float32),
                     "k_k": vec32("att.k_k"), "k_a": vec32("att.k_a"), "r_k": vec32("att.r_k"),
                     "ln_w": vec32("att.ln_x.weight"), "ln_b": vec32("att.ln_x.bias")},
-        att_out=linear(w[p + "att.output.weight"], dtype),
+        att_out=group([Segment(w[p + "att.output.weight"])]),
         ffn_mix=vec("ffn.x_k")[None],
-        ffn_key=linear(w[p + "ffn.key.weight"], dtype),
-        ffn_value=linear(w[p + "ffn.value.weight"], dtype),
+        ffn_key=group([Segment(w[p + "ffn.key.weight"], "relu2")]),
+        ffn_value=group([Segment(w[p + "ffn.value.weight"])]),
     )
 
 
@@ -115,7 +104,7 @@ def build_model(weights: Mapping[str, np.ndarray], config: ModelConfig, dtype: s
         mx.eval(layers[-1].__dict__)
     return RWKV7(config, to_mx(emb, mxd), layers,
                  (to_mx(weights["ln_out.weight"], mxd), to_mx(weights["ln_out.bias"], mxd)),
-                 linear(weights["head.weight"], mxd), mxd)
+                 ProjectionGroup([Segment(weights["head.weight"])], mxd), mxd)
 
 
 def read_weights(path: str | os.PathLike | None) -> tuple[dict, ModelConfig, str]:

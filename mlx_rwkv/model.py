@@ -2,41 +2,30 @@
 
 Per layer:  x += TimeMix(ln1(x));  x += ChannelMix(ln2(x)).  One forward call builds one lazy
 graph; the decode step (T = 1) runs under `mx.compile`. Kernel launches per layer in decode on a
-GPU (11): norm_mix (residual add + ln1 + the seven token-shift lerps), r/k/v as one batched
-matmul, the four LoRA down-projections as one batched matmul, their activations, their
-up-projections as one batched matmul, the fused WKV kernel (decay, value residual, recurrence,
-per-head norm, bonus, gate), the output matmul, norm_mix (add + ln2 + lerp), FFN key matmul,
-squared ReLU, FFN value matmul.
+GPU (8): norm_mix (residual add + ln1 + the seven token-shift lerps); one grouped mat-vec for
+r, k, v and the four LoRA down-projections with their activations; one for the four LoRA
+up-projections; the fused WKV kernel (decay, value residual, recurrence, per-head norm, bonus,
+gate); the output projection; norm_mix (add + ln2 + lerp); the FFN key with its squared ReLU;
+the FFN value.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
+from .matvec import ProjectionGroup
 from .norm_mix import norm_mix
 from .state import State
 from .wkv import wkv7
 
-Linear = Callable[[mx.array], mx.array]
-
-# Row order of the token-shift mix vectors: r k v feed the batched r/k/v matmul, then the
-# inputs of the four LoRAs (w, a, v, g); x_v appears twice because both paths read it.
+# Row order of the token-shift mix vectors: the inputs of r, k, v, then of the four LoRAs
+# (w, a, v, g); x_v appears twice because both paths read it.
 MIX_ORDER = ("x_r", "x_k", "x_v", "x_w", "x_a", "x_v", "x_g")
-LORAS = ("w", "a", "v", "g")  # decay, in-context rate, value residual, gate
-
-
-class Dense:
-    """y = x W^T for W (out, in); a stack W (G, out, in) applies to x (G, M, in)."""
-
-    def __init__(self, weight: mx.array):
-        self.weight = weight
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return x @ self.weight.swapaxes(-1, -2)
+LORAS = ("w", "a", "v", "g")  # decay (tanh), in-context rate, value residual, gate (sigmoid)
 
 
 @dataclass
@@ -44,26 +33,20 @@ class Layer:
     ln1: tuple[mx.array, mx.array]
     ln2: tuple[mx.array, mx.array]
     att_mix: mx.array  # (7, C) in MIX_ORDER
-    att_rkv: Linear  # (3, M, C) -> (3, M, C)
-    lora_down: mx.array  # (4, C, D) zero-padded to the largest rank D
-    lora_up: mx.array  # (4, D, C)
+    att_in: ProjectionGroup  # r, k, v, then the LoRA down-projections (+ activations), on xs
+    lora_up: ProjectionGroup  # the LoRA up-projections on the LoRA hiddens
     wkv_params: dict[str, mx.array]  # fp32 (C,) w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b
-    att_out: Linear
+    att_out: ProjectionGroup
     ffn_mix: mx.array  # (1, C)
-    ffn_key: Linear
-    ffn_value: Linear
-
-
-# LoRA activations by row (w: tanh, a: none, v: none, g: sigmoid), as broadcastable masks.
-_TANH_ROW = mx.array([1, 0, 0, 0], dtype=mx.bool_)[:, None, None]
-_SIGMOID_ROW = mx.array([0, 0, 0, 1], dtype=mx.bool_)[:, None, None]
+    ffn_key: ProjectionGroup  # with the squared ReLU
+    ffn_value: ProjectionGroup
 
 
 class RWKV7:
     """An x070 model in MLX. `forward` runs prefill or decode; state lives in `State`."""
 
     def __init__(self, config: ModelConfig, emb: mx.array, layers: Sequence[Layer],
-                 ln_out: tuple[mx.array, mx.array], head: Linear, dtype: mx.Dtype):
+                 ln_out: tuple[mx.array, mx.array], head: ProjectionGroup, dtype: mx.Dtype):
         self.config = config
         self.emb = emb  # (V, C), ln0 already applied
         self.layers = list(layers)
@@ -124,27 +107,25 @@ class RWKV7:
             att_x.append(h[:, -1, :])
             wkv.append(s)
             x, h, xk = norm_mix(x, dx, layer.ln2, state.ffn_x[i], layer.ffn_mix)  # xk (1, B*T, C)
-            dx = self._channel_mix(layer, xk[0]).reshape(x.shape)
+            nt = B * T
+            dx = layer.ffn_value(layer.ffn_key(xk, nt), nt).reshape(x.shape)  # relu(x K)^2 V
             ffn_x.append(h[:, -1, :])
         x = x + dx
         if not all_logits:
             x = x[:, -1:, :]
-        logits = self.head(mx.fast.layer_norm(x, self.ln_out[0], self.ln_out[1], 1e-5))
-        return logits, State(att_x, wkv, ffn_x)
+        x = mx.fast.layer_norm(x, self.ln_out[0], self.ln_out[1], 1e-5)
+        logits = self.head(x, x.shape[0] * x.shape[1])
+        return logits.reshape(*x.shape[:2], -1), State(att_x, wkv, ffn_x)
 
     def _time_mix(self, layer: Layer, xs: mx.array, s: mx.array, v_first: mx.array | None,
                   bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:
-        r, k, v = layer.att_rkv(xs[:3])  # each (B*T, C)
-        lora = xs[3:] @ layer.lora_down  # (4, B*T, D): inputs of the w, a, v, g LoRAs
-        lora = mx.where(_TANH_ROW, mx.tanh(lora), mx.where(_SIGMOID_ROW, mx.sigmoid(lora), lora))
-        lw, la, lv, g = lora @ layer.lora_up  # each (B*T, C)
-        shape = (*bt, r.shape[-1])
-        r, k, v, g, lw, la, lv = (t.reshape(shape) for t in (r, k, v, g, lw, la, lv))
+        nt, C = bt[0] * bt[1], xs.shape[-1]
+        proj = layer.att_in(xs, nt)  # r, k, v (nt, C) each, then the four LoRA hiddens
+        r, k, v = layer.att_in.split(proj, nt)[:3]
+        lw, la, lv, g = layer.lora_up.split(layer.lora_up(proj[3 * nt * C:], nt), nt)
+        r, k, v, g, lw, la, lv = (t.reshape(*bt, C) for t in (r, k, v, g, lw, la, lv))
         y, s = wkv7(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, s)
-        return layer.att_out(y), v if v_first is None else v_first, s
-
-    def _channel_mix(self, layer: Layer, xk: mx.array) -> mx.array:
-        return layer.ffn_value(mx.square(mx.maximum(layer.ffn_key(xk), 0)))
+        return layer.att_out(y, nt).reshape(*bt, C), v if v_first is None else v_first, s
 
     # -- input checks -------------------------------------------------------------------
     def _check_tokens(self, tokens: Sequence[int] | mx.array) -> tuple[mx.array, bool]:

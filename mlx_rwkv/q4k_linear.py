@@ -67,6 +67,16 @@ class Q4KLinear:
             self.scales = mx.array(scales).astype(scale_dtype)
             self.biases = mx.array(biases).astype(scale_dtype)
 
+    @classmethod
+    def from_words(cls, words: mx.array, shape: tuple[int, int]) -> "Q4KLinear":
+        """A GPU layer over Q4_K blocks already on the device as uint32 words (a view is fine)."""
+        layer = cls.__new__(cls)
+        layer.shape = shape
+        layer.kernel = get_kernel(Q4K_MATVEC)
+        layer.wq = words.reshape(shape[0], -1)
+        layer.wh = mx.view(words, mx.float16).reshape(shape[0], -1)
+        return layer
+
     def __call__(self, x: mx.array) -> mx.array:
         rows, k = self.shape
         if x.shape[-1] != k:

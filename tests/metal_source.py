@@ -154,6 +154,19 @@ def _q4k_call(dtype: mx.Dtype) -> None:  # both Q4_K kernels: mat-vec (decode) a
     layer(mx.zeros((16, k), dtype=dtype))  # q4k_dequant + matmul
 
 
+def _matvec_call(dtype: mx.Dtype) -> None:  # grouped mat-vec: dense + Q4_K segments, 1 and 3 rows
+    import numpy as np
+
+    from mlx_rwkv.matvec import ProjectionGroup, Segment
+    from mlx_rwkv.quant import Q4KTensor, quantize_q4k
+
+    k = 256
+    q4k = Q4KTensor(quantize_q4k(np.zeros((8, k), np.float32)), (8, k))
+    group = ProjectionGroup([Segment(np.zeros((16, k), np.float32), "tanh"), Segment(q4k, "relu2", k)], dtype)
+    for nt in (1, 3):
+        group(mx.zeros((2, nt, k), dtype=dtype), nt)
+
+
 # One entry per KernelSpec name: call the public code that launches it, on tiny inputs whose
 # activation dtype is `dtype`, so the check sees the launch arguments production passes.
 EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
@@ -163,6 +176,7 @@ EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "norm_mix": _norm_mix_call,
     "q4k_matvec": _q4k_call,
     "q4k_dequant": _q4k_call,
+    "matvec": _matvec_call,
 }
 
 

@@ -1,0 +1,149 @@
+"""Projection groups: several y_s = act_s(x_s @ W_s^T) that decode runs as one kernel launch.
+
+A decode step is bound by launches, not arithmetic: on MLX-CUDA every graph node costs
+microseconds of dispatch. So the projections that read the same kind of input run together:
+r/k/v with the four LoRA down-projections (their activations fused), the four LoRA
+up-projections, and the FFN key with its squared ReLU. `metal_kernels/matvec.inc` does up to
+MAX_ROWS activation rows (batch x tokens) with one SIMD-group per output row, reading dense
+(fp16/bf16/fp32) or Q4_K weights. Above MAX_ROWS (prefill) and on CPU each segment is an
+ordinary matmul (`Dense` or `Q4KLinear`).
+
+Layout: the input `x` is one flat buffer in which segment s reads its (nt, K_s) rows at
+nt * x_base_s; the output is one flat buffer with segment s's (nt, rows_s) at nt * y_base_s
+(y_base_s = rows of the segments before it). `split` views the segments without copying.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .kernels import KernelSpec, get_kernel
+from .quant import Q4KTensor
+
+MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x"), outputs=("y",))
+ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
+Q4K_KIND = 4
+MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
+WARPS = 8  # SIMD-groups (output rows) per threadgroup
+_WFMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
+
+
+@dataclass
+class Segment:
+    """One projection: weight (rows, K) dense or Q4_K, its activation, where its input starts."""
+
+    weight: np.ndarray | mx.array | Q4KTensor
+    act: str = "none"
+    x_base: int = 0
+
+
+class Dense:
+    """y = x W^T for W (out, in)."""
+
+    def __init__(self, weight: mx.array):
+        self.weight = weight
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight.T
+
+
+def _activate(y: mx.array, act: str) -> mx.array:
+    if act == "tanh":
+        return mx.tanh(y)
+    if act == "sigmoid":
+        return mx.sigmoid(y)
+    if act == "relu2":
+        return mx.square(mx.maximum(y, 0))
+    return y
+
+
+class ProjectionGroup:
+    """Segments applied to one flat input; `group(x, nt)` -> flat output, `split` -> views."""
+
+    def __init__(self, segments: list[Segment], dtype: mx.Dtype):
+        self.shapes = [tuple(s.weight.shape) for s in segments]
+        self.acts = [s.act for s in segments]
+        self.x_bases = [s.x_base for s in segments]
+        self.y_bases = list(np.cumsum([0] + [rows for rows, _ in self.shapes[:-1]]))
+        self.dtype = dtype
+        self.kernel = get_kernel(MATVEC)
+        if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes):
+            self._pack(segments)
+        else:
+            self.kernel = None
+            self.linears = [_linear(s.weight, dtype) for s in segments]
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for rows, _ in self.shapes)
+
+    def __call__(self, x: mx.array, nt: int) -> mx.array:
+        """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
+        if self.kernel is not None and nt <= MAX_ROWS:
+            (y,) = self.kernel(
+                inputs=[self.table, self.wd, self.wq, x],
+                template=[("TX", x.dtype), ("WFMT", _WFMT[self.dtype]), ("NT", nt),
+                          ("NSEG", len(self.shapes)), ("WARPS", WARPS)],
+                grid=(-(-self.rows // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
+                output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
+            return y
+        flat = x.reshape(-1)
+        outs = []
+        for linear, (_, k), act, base in zip(self.linears, self.shapes, self.acts, self.x_bases):
+            xi = flat[nt * base: nt * (base + k)].reshape(nt, k)
+            outs.append(_activate(linear(xi), act).reshape(-1))
+        return mx.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def split(self, y: mx.array, nt: int) -> list[mx.array]:
+        """The (nt, rows_s) output of every segment, as views of the flat output."""
+        return [y[nt * base: nt * (base + rows)].reshape(nt, rows)
+                for (rows, _), base in zip(self.shapes, self.y_bases)]
+
+    # -- GPU layout -----------------------------------------------------------------------
+    def _pack(self, segments: list[Segment]) -> None:
+        """Concatenate dense and Q4_K weights into two word buffers plus a segment table."""
+        dense, q4k, table = [], [], []
+        n_dense = n_q4k = 0
+        for s, (rows, k), base, y_base in zip(segments, self.shapes, self.x_bases, self.y_bases):
+            if isinstance(s.weight, Q4KTensor):
+                words = mx.view(mx.array(s.weight.blocks).reshape(-1), mx.uint32)
+                q4k.append(words)
+                table.append((rows, k, n_q4k, base, y_base, ACTIVATIONS[s.act] + Q4K_KIND))
+                n_q4k += words.size
+            else:
+                words = mx.view(_to_mx(s.weight, self.dtype).reshape(-1), mx.uint32)
+                dense.append(words)
+                table.append((rows, k, n_dense, base, y_base, ACTIVATIONS[s.act]))
+                n_dense += words.size
+        empty = mx.zeros((4,), mx.uint32)
+        self.wd = mx.concatenate(dense) if dense else empty
+        self.wq = mx.concatenate(q4k) if q4k else empty
+        self.table = mx.array(np.array(table, np.int32).reshape(-1))
+        self.linears = [self._view(*row[:3], row[5]) for row in table]
+
+    def _view(self, rows: int, k: int, off: int, kind: int):
+        """A segment as a matmul layer over a view of the packed buffers (no copy)."""
+        if kind & Q4K_KIND:
+            from .q4k_linear import Q4KLinear
+
+            return Q4KLinear.from_words(self.wq[off: off + rows * k // 256 * 36], (rows, k))
+        words = rows * k * (4 if self.dtype == mx.float32 else 2) // 4
+        return Dense(mx.view(self.wd[off: off + words], self.dtype).reshape(rows, k))
+
+
+def _to_mx(w: np.ndarray | mx.array, dtype: mx.Dtype) -> mx.array:
+    if isinstance(w, mx.array):
+        return w.astype(dtype)
+    from .loading import to_mx
+
+    return to_mx(w, dtype)
+
+
+def _linear(w: np.ndarray | mx.array | Q4KTensor, dtype: mx.Dtype):
+    if isinstance(w, Q4KTensor):
+        from .q4k_linear import Q4KLinear
+
+        return Q4KLinear(w)
+    return Dense(_to_mx(w, dtype))
