@@ -1,13 +1,16 @@
-"""Q4_K mat-vec kernel throughput against MLX's f16 matmul and mx.quantized_matmul, same run.
+"""Mat-vec throughput: our grouped kernel (Q4_K and f16) against MLX's matmul and
+mx.quantized_matmul on the same weights, same run.
 
     python -m bench.bench_q4k [--shapes 4096x4096 65536x2048] [--rows 1 8] [--calls 64] [--write]
 
 For each weight shape (out x in) and activation rows T, every implementation runs `calls`
 independent products inside one evaluation (so launch overhead is amortized, as in a compiled
-decode step); the rate is the effective bandwidth: bytes of weights read per second.
-  q4k        our kernel on llama.cpp Q4_K blocks (4.5 bits/weight: 144 bytes per 256)
+decode step), cycling through enough copies of the weights (>= 256 MB) that the 50 MB L2 cache
+cannot serve them; the rate is the effective bandwidth: bytes of weights read per second.
+  q4k        our matvec kernel on llama.cpp Q4_K blocks (4.5 bits/weight: 144 bytes per 256)
   q4-mlx     mx.quantized_matmul, MLX's affine 4-bit group-32 with fp16 scales (5 bits/weight)
-  f16        dense x @ W.T in float16 (16 bits/weight)
+  f16        our matvec kernel on float16 weights (16 bits/weight)
+  f16-mlx    dense x @ W.T in float16 (MLX's matmul)
 """
 from __future__ import annotations
 
@@ -18,18 +21,23 @@ import mlx.core as mx
 import numpy as np
 
 from bench.results_io import record, write_results
-from mlx_rwkv.q4k_linear import Q4KLinear
+from mlx_rwkv.matvec import ProjectionGroup, Segment
 from mlx_rwkv.quant import Q4KTensor, quantize_q4k
 
 DEFAULT_SHAPES = ["2048x2048", "2560x2560", "4096x4096", "8192x2048", "2048x8192", "65536x2048"]
 
 
-def rates_gb_s(fn, xs: list[mx.array], nbytes: int, repeats: int) -> list[float]:
-    mx.eval([fn(x) for x in xs[:2]])  # compile / warm up
+L2_DEFEAT_BYTES = 256 * 2**20
+
+
+def rates_gb_s(fns: list, xs: list[mx.array], nbytes: int, repeats: int) -> list[float]:
+    """Effective GB/s of len(xs) products, call i on weight copy i % len(fns)."""
+    calls = lambda: [fns[i % len(fns)](x) for i, x in enumerate(xs)]  # noqa: E731
+    mx.eval(calls())  # compile / warm up
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        mx.eval([fn(x) for x in xs])
+        mx.eval(calls())
         rates.append(nbytes * len(xs) / (time.perf_counter() - t0) / 1e9)
     return rates
 
@@ -37,18 +45,35 @@ def rates_gb_s(fn, xs: list[mx.array], nbytes: int, repeats: int) -> list[float]
 def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int) -> dict[str, list[float]]:
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((rows, k)) * 0.02).astype(np.float32)
-    q4k = Q4KLinear(Q4KTensor(quantize_q4k(w), (rows, k)))
+    qt = Q4KTensor(quantize_q4k(w), (rows, k))
     w16 = mx.array(w).astype(mx.float16)
-    wq, scales, biases = mx.quantize(w16, group_size=32, bits=4)
     xs = [mx.array(rng.standard_normal((t, k)).astype(np.float32)).astype(mx.float16) for _ in range(calls)]
-    mx.eval(w16, wq, scales, biases, q4k.wq, q4k.wh, *xs)
+    copies = lambda nbytes: max(1, min(calls, -(-L2_DEFEAT_BYTES // nbytes)))  # noqa: E731
+
+    def group(weight) -> list:
+        groups = [ProjectionGroup([Segment(weight)], mx.float16) for _ in range(copies(rows * k * 2))]
+        mx.eval([g.__dict__ for g in groups])
+        return [lambda x, g=g: g(x, t) for g in groups]
+
+    def mlx_q4(i: int):
+        wq, scales, biases = mx.quantize(w16 + 0 * i, group_size=32, bits=4)  # a distinct copy
+        mx.eval(wq, scales, biases)
+        return lambda x: mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=32, bits=4)
+
+    def mlx_f16(i: int):
+        wi = w16 + 0 * i
+        mx.eval(wi)
+        return lambda x: x @ wi.T
+
+    mx.eval(w16, *xs)
+    q4_bytes = rows * k // 32 * (16 + 2 + 2)  # nibbles + fp16 scale + fp16 bias per 32
     impls = {
-        "q4k": (q4k, rows * k // 256 * 144),
-        "q4-mlx": (lambda x: mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=32, bits=4),
-                   wq.nbytes + scales.nbytes + biases.nbytes),
-        "f16": (lambda x: x @ w16.T, w16.nbytes),
+        "q4k": (group(qt), rows * k // 256 * 144),
+        "q4-mlx": ([mlx_q4(i) for i in range(copies(q4_bytes))], q4_bytes),
+        "f16": (group(w), rows * k * 2),
+        "f16-mlx": ([mlx_f16(i) for i in range(copies(rows * k * 2))], rows * k * 2),
     }
-    return {name: rates_gb_s(fn, xs, nbytes, repeats) for name, (fn, nbytes) in impls.items()}
+    return {name: rates_gb_s(fns, xs, nbytes, repeats) for name, (fns, nbytes) in impls.items()}
 
 
 def main() -> None:
@@ -60,12 +85,12 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="add the records to bench/results/")
     args = p.parse_args()
     records = []
-    print(f"{'shape':>12} {'T':>2} " + " ".join(f"{n:>16}" for n in ("q4k GB/s", "q4-mlx GB/s", "f16 GB/s")))
+    print(f"{'shape':>12} {'T':>2} " + " ".join(f"{n:>14}" for n in ("q4k GB/s", "q4-mlx GB/s", "f16 GB/s", "f16-mlx GB/s")))
     for shape in args.shapes:
         rows, k = (int(v) for v in shape.split("x"))
         for t in args.rows:
             rates = bench_shape(rows, k, t, args.calls, args.repeats)
-            print(f"{shape:>12} {t:>2} " + " ".join(f"{np.median(r):16.1f}" for r in rates.values()), flush=True)
+            print(f"{shape:>12} {t:>2} " + " ".join(f"{np.median(r):14.1f}" for r in rates.values()), flush=True)
             for name, r in rates.items():
                 records.append(record("mlx", shape, name, "kernel", "whole-pass", batch=t, tokens=args.calls,
                                       rates=r, rate_key="gb_s"))

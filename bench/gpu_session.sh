@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# One GPU-host session (DESIGN.md): kernel tests, then every benchmark, logs and JSON to $OUT.
-# Usage on the host, after the .gpu bundle is installed:  bash bench/gpu_session.sh mlx|q4k-webgpu
-# (two parts, each within one 10-minute device call).
+# GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
+# Usage on the host, after the .gpu bundle is installed:
+#   bash bench/gpu_session.sh tests kernels mlx q4k webgpu     (any subset, in that order)
+# Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
 source /root/gpu-env.sh
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
-if [ "${1:-mlx}" = mlx ]; then
-python3 -m pytest -q -p no:cacheprovider tests/test_wkv_kernel.py tests/test_q4k_kernel.py 2>&1 | tail -25 | tee "$out/gpu_tests.log"
-python3 -m bench.bench_mlx --shape 0.1B 1.5B --precision f16 --decode-steps 64 --official --write 2>&1 | grep -v -i warn | tee "$out/bench_mlx.log"
-else
-python3 -m bench.bench_mlx --shape 1.5B --precision q4k --decode-steps 64 --write 2>&1 | grep -v -i warn | tee "$out/bench_q4k_model.log"
-timeout 150 python3 -m bench.bench_q4k --write 2>&1 | grep -v -i warn | tee "$out/bench_q4k.log"
-timeout 240 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write 2>&1 | grep -v -i warn | tee "$out/bench_webgpu.log"
-fi
+run() {  # run NAME LIMIT_S CMD...: tee the filtered log to $out/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" | tee -a "$out/session.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee "$out/$name.log" | tail -40
+  echo "== $name done in $((SECONDS - t0)) s" | tee -a "$out/session.log"
+}
+for step in "$@"; do
+  case "$step" in
+    tests) run gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu -x --tb=short \
+             tests/test_wkv_kernel.py tests/test_matvec_kernel.py tests/test_q4k_kernel.py ;;
+    kernels) run bench_dispatch 60 python3 -m bench.bench_dispatch --write
+             run bench_q4k 200 python3 -m bench.bench_q4k --shapes 2048x2048 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 --repeats 5 --write ;;
+    mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 --official --write ;;
+    q4k) run bench_mlx_q4k 240 python3 -m bench.bench_mlx --shape 1.5B --precision q4k --decode-steps 64 --write ;;
+    webgpu) run bench_webgpu 300 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write ;;
+    *) echo "unknown step $step" >&2 ;;
+  esac
+done
 cp bench/results/*.json "$out/" 2>/dev/null
+true
