@@ -74,6 +74,9 @@ class ProjectionGroup:
         else:
             self.kernel = None
             self.linears = [_linear(s.weight, dtype) for s in segments]
+        # materialize now: a lazy weight captured by the compiled decode step would be
+        # recomputed (re-packed) on every step
+        mx.eval([vars(layer) for layer in self.linears], self.__dict__)
 
     @property
     def rows(self) -> int:
@@ -84,7 +87,7 @@ class ProjectionGroup:
         if self.kernel is not None and nt <= MAX_ROWS:
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x],
-                template=[("TX", x.dtype), ("WFMT", _WFMT[self.dtype]), ("NT", nt),
+                template=[("TX", x.dtype), ("XFMT", _WFMT[x.dtype]), ("WFMT", _WFMT[self.dtype]), ("NT", nt),
                           ("NSEG", len(self.shapes)), ("WARPS", WARPS)],
                 grid=(-(-self.rows // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
@@ -117,9 +120,10 @@ class ProjectionGroup:
                 dense.append(words)
                 table.append((rows, k, n_dense, base, y_base, ACTIVATIONS[s.act]))
                 n_dense += words.size
-        empty = mx.zeros((4,), mx.uint32)
-        self.wd = mx.concatenate(dense) if dense else empty
-        self.wq = mx.concatenate(q4k) if q4k else empty
+        # 8 words of padding: Metal passes inputs under 8 elements in `constant` memory
+        pad = mx.zeros((8,), mx.uint32)
+        self.wd = mx.concatenate(dense + [pad])
+        self.wq = mx.concatenate(q4k + [pad])
         self.table = mx.array(np.array(table, np.int32).reshape(-1))
         self.linears = [self._view(*row[:3], row[5]) for row in table]
 

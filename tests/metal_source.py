@@ -162,9 +162,11 @@ def _matvec_call(dtype: mx.Dtype) -> None:  # grouped mat-vec: dense + Q4_K segm
 
     k = 256
     q4k = Q4KTensor(quantize_q4k(np.zeros((8, k), np.float32)), (8, k))
-    group = ProjectionGroup([Segment(np.zeros((16, k), np.float32), "tanh"), Segment(q4k, "relu2", k)], dtype)
+    mixed = ProjectionGroup([Segment(np.zeros((16, k), np.float32), "tanh"), Segment(q4k, "relu2", k)], dtype)
+    dense = ProjectionGroup([Segment(np.zeros((16, k), np.float32))], dtype)  # no Q4_K segment
     for nt in (1, 3):
-        group(mx.zeros((2, nt, k), dtype=dtype), nt)
+        mixed(mx.zeros((2, nt, k), dtype=dtype), nt)
+        dense(mx.zeros((nt, k), dtype=dtype), nt)
 
 
 # One entry per KernelSpec name: call the public code that launches it, on tiny inputs whose

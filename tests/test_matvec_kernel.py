@@ -16,6 +16,7 @@ RNG = np.random.default_rng(11)
 ACT = {"none": lambda y: y, "tanh": np.tanh, "sigmoid": lambda y: 1 / (1 + np.exp(-y)),
        "relu2": lambda y: np.square(np.maximum(y, 0))}
 TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
+TF32_TOL = 2e-3  # MLX-CUDA runs float32 matmuls (the path above MAX_ROWS) in TF32
 
 
 def _segments(shapes, acts, q4k: bool, x_bases) -> tuple[list[Segment], list[np.ndarray]]:
@@ -44,7 +45,8 @@ def _check(group: ProjectionGroup, dense, acts, x_bases, nt: int, dtype: mx.Dtyp
         got = np.array(out.astype(mx.float32))
         assert got.shape == want.shape
         err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
-        assert err <= TOL[dtype], f"{act} segment {w.shape}: relative error {err:.2e}"
+        tol = TF32_TOL if dtype == mx.float32 and nt > MAX_ROWS and group.kernel is not None else TOL[dtype]
+        assert err <= tol, f"{act} segment {w.shape}: relative error {err:.2e}"
 
 
 def test_matmul_path_matches_numpy():
