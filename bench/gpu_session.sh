@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
 # Usage on the host, after the .gpu bundle is installed:
-#   bash bench/gpu_session.sh tests kernels mlx q4k webgpu     (any subset, in that order)
+#   bash bench/gpu_session.sh tests profile kernels mlx q4k webgpu     (any subset, in order)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
 source /root/gpu-env.sh
@@ -15,8 +15,10 @@ run() {  # run NAME LIMIT_S CMD...: tee the filtered log to $out/NAME.log
 }
 for step in "$@"; do
   case "$step" in
-    tests) run gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu -x --tb=short \
+    tests) run gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short \
              tests/test_wkv_kernel.py tests/test_matvec_kernel.py tests/test_q4k_kernel.py ;;
+    profile) run inspect_graph 60 python3 -m bench.inspect_graph --shape 1.5B --layers 2
+             run profile_prefill 120 python3 -m bench.profile_prefill --shape 1.5B ;;
     kernels) run bench_dispatch 60 python3 -m bench.bench_dispatch --write
              run bench_q4k 200 python3 -m bench.bench_q4k --shapes 2048x2048 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 --repeats 5 --write ;;
     mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 --official --write ;;
