@@ -32,7 +32,7 @@ DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay 
 GROUP_NORM_EPS = 64e-5
 FUSED_MAX_T = 4  # above this, scan + finish win (the fused kernel is serial per token)
 SIMD_WIDTH = 32  # lanes per SIMD-group (CUDA warp, Apple SIMD-group)
-SCAN_WARPS = 4  # scan kernel: SIMD-groups (state rows) per threadgroup
+SCAN_WARPS = 16  # scan kernel: state rows (SIMD-groups) per threadgroup = tokens per stage
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 
@@ -59,7 +59,8 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
             grid=(B * H * N, 1, 1), threadgroup=(N, 1, 1),
             output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
         return y, new_state
-    scan = get_kernel(WKV7_SCAN) if state.shape[-1] % SIMD_WIDTH == 0 else None
+    N = state.shape[-1]
+    scan = get_kernel(WKV7_SCAN) if N % SIMD_WIDTH == 0 and N % SCAN_WARPS == 0 else None
     if scan is not None:
         return _scan_and_finish(scan, r, k, v, g, lw, la, lv, v_first, params, state)
     return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
@@ -73,7 +74,7 @@ def _scan_and_finish(scan, r, k, v, g, lw, la, lv, v_first, params, state):
         inputs=[r, k, v, lw, la, v if first else lv, v if first else v_first,
                 *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)],
         template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("WARPS", SCAN_WARPS)],
-        grid=(B * H * N * SIMD_WIDTH, 1, 1), threadgroup=(SCAN_WARPS * SIMD_WIDTH, 1, 1),
+        grid=(B * H * N * SIMD_WIDTH, 1, 1), threadgroup=(SCAN_WARPS * SIMD_WIDTH, 1, 1),  # a row per SIMD-group
         output_shapes=[r.shape, r.shape, state.shape], output_dtypes=[mx.float32] * 3)
     (y,) = get_kernel(WKV7_FINISH)(
         inputs=[y_raw, bonus, g, params["ln_w"], params["ln_b"]],

@@ -1,0 +1,103 @@
+"""GPU time per kernel for one decode step or one prefill, measured by Nsight Compute (ncu).
+
+    ncu --csv --metrics gpu__time_duration.sum -o - python -m bench.kernel_times run decode > k.csv
+    python -m bench.kernel_times summarize k.csv
+
+`run` executes the workload twice (the first pass compiles and warms up) with a marker kernel
+in between; `summarize` keeps the launches after the marker (the measured pass) and prints GPU microseconds per kernel
+name, the total GPU time, and the launch count. Comparing the total with the wall time per
+token tells whether a step is bound by the GPU or by dispatch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections import defaultdict
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_rwkv.config import config_for_shape
+from mlx_rwkv.loading import build_model
+from mlx_rwkv.quant import quantize_model
+from mlx_rwkv.synth import synthesize
+
+
+def run(mode: str, shape: str, layers: int | None, precision: str, tokens: int) -> None:
+    config = config_for_shape(shape, n_layer=layers)
+    weights = synthesize(config, seed=0, dtype=np.float16)
+    if precision == "q4k":
+        weights = quantize_model(weights, include_head=True)
+    model = build_model(weights, config, "float16")
+    ids = mx.array(np.random.default_rng(0).integers(1, config.vocab_size, tokens), dtype=mx.int32)
+    state = model.new_state()
+    mx.eval(state.arrays())
+    for i in range(2):
+        if i:
+            _marker()
+        if mode == "decode":
+            logits, new = model.step(ids[:1], state)
+        else:
+            logits, new = model.forward(ids, state)
+        mx.eval(logits, new.arrays())
+
+
+MARKER = "rwkv_pass_marker"
+
+
+def _marker() -> None:
+    """A uniquely named launch that separates the warm-up pass from the measured one."""
+    kernel = mx.fast.cuda_kernel(name=MARKER, input_names=["a"], output_names=["b"], source="b[0] = a[0];")
+    (out,) = kernel(inputs=[mx.ones((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                    output_shapes=[(1,)], output_dtypes=[mx.float32])
+    mx.eval(out)
+
+
+def summarize(path: str) -> None:
+    rows = [r for r in csv.DictReader(_csv_lines(path)) if r.get("Metric Name") == "gpu__time_duration.sum"]
+    last = max(i for i, r in enumerate(rows) if MARKER in r["Kernel Name"])
+    measured = rows[last + 1:]
+    per_name: dict[str, list[float]] = defaultdict(list)
+    for r in measured:
+        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[r["Metric Unit"]]
+        per_name[_short(r["Kernel Name"])].append(float(r["Metric Value"].replace(",", "")) * scale)
+    total = sum(sum(v) for v in per_name.values())
+    print(f"{len(measured)} launches, {total:.1f} us of GPU time")
+    for name, times in sorted(per_name.items(), key=lambda kv: -sum(kv[1])):
+        print(f"{sum(times):9.1f} us {100 * sum(times) / total:5.1f}%  {len(times):4d} x {np.mean(times):7.2f} us  {name}")
+
+
+def _csv_lines(path: str):
+    with open(path) as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    return lines[start:]
+
+
+def _short(name: str) -> str:
+    name = re.sub(r"\(.*", "", name)
+    return name[:90]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("mode", choices=["decode", "prefill"])
+    r.add_argument("--shape", default="1.5B")
+    r.add_argument("--layers", type=int)
+    r.add_argument("--precision", default="f16", choices=["f16", "q4k"])
+    r.add_argument("--tokens", type=int, default=1024)
+    s = sub.add_parser("summarize")
+    s.add_argument("csv")
+    args = p.parse_args()
+    if args.cmd == "run":
+        run(args.mode, args.shape, args.layers, args.precision, args.tokens)
+    else:
+        summarize(args.csv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
