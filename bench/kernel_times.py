@@ -61,7 +61,7 @@ def summarize(path: str) -> None:
     measured = rows[last + 1:]
     per_name: dict[str, list[float]] = defaultdict(list)
     for r in measured:
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[r["Metric Unit"]]
+        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
         per_name[_short(r["Kernel Name"])].append(float(r["Metric Value"].replace(",", "")) * scale)
     total = sum(sum(v) for v in per_name.values())
     print(f"{len(measured)} launches, {total:.1f} us of GPU time")
