@@ -102,9 +102,10 @@ def build_model(weights: Mapping[str, np.ndarray], config: ModelConfig, dtype: s
                   file=sys.stderr):
         layers.append(build_layer(weights, i, config, mxd))
         mx.eval(layers[-1].__dict__)
-    return RWKV7(config, to_mx(emb, mxd), layers,
-                 (to_mx(weights["ln_out.weight"], mxd), to_mx(weights["ln_out.bias"], mxd)),
-                 ProjectionGroup([Segment(weights["head.weight"])], mxd), mxd)
+    emb = to_mx(emb, mxd)
+    ln_out = (to_mx(weights["ln_out.weight"], mxd), to_mx(weights["ln_out.bias"], mxd))
+    mx.eval(emb, ln_out)  # a lazy weight would be recomputed by every compiled decode step
+    return RWKV7(config, emb, layers, ln_out, ProjectionGroup([Segment(weights["head.weight"])], mxd), mxd)
 
 
 def read_weights(path: str | os.PathLike | None) -> tuple[dict, ModelConfig, str]:

@@ -4,7 +4,7 @@ A decode step is bound by launches, not arithmetic: on MLX-CUDA every graph node
 microseconds of dispatch. So the projections that read the same kind of input run together:
 r/k/v with the four LoRA down-projections (their activations fused), the four LoRA
 up-projections, and the FFN key with its squared ReLU. `metal_kernels/matvec.inc` does up to
-MAX_ROWS activation rows (batch x tokens) with one SIMD-group per output row, reading dense
+MAX_ROWS activation rows (batch x tokens) with one SIMD-group per two output rows, reading dense
 (fp16/bf16/fp32) or Q4_K weights. Above MAX_ROWS (prefill) and on CPU each segment is an
 ordinary matmul (`Dense` or `Q4KLinear`).
 
@@ -26,7 +26,8 @@ MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x"), outputs=("y"
 ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 Q4K_KIND = 4
 MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
-WARPS = 8  # SIMD-groups (output rows) per threadgroup
+ROWS_PER_SIMDGROUP = 2  # output rows per SIMD-group: the activations they load serve both
+WARPS = 8  # SIMD-groups per threadgroup
 _WFMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 
 
@@ -82,14 +83,18 @@ class ProjectionGroup:
     def rows(self) -> int:
         return sum(rows for rows, _ in self.shapes)
 
+    @property
+    def _simdgroups(self) -> int:
+        return sum(-(-rows // ROWS_PER_SIMDGROUP) for rows, _ in self.shapes)
+
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
         if self.kernel is not None and nt <= MAX_ROWS:
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x],
                 template=[("TX", x.dtype), ("XFMT", _WFMT[x.dtype]), ("WFMT", _WFMT[self.dtype]), ("NT", nt),
-                          ("NSEG", len(self.shapes)), ("WARPS", WARPS)],
-                grid=(-(-self.rows // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
+                          ("NSEG", len(self.shapes)), ("NR", ROWS_PER_SIMDGROUP), ("WARPS", WARPS)],
+                grid=(-(-self._simdgroups // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
             return y
         flat = x.reshape(-1)

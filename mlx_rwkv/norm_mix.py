@@ -1,13 +1,14 @@
-"""Residual add + LayerNorm + token-shift mixes: a fused kernel for decode, MLX ops otherwise."""
+"""Residual add + LayerNorm + token-shift mixes: one fused kernel on a GPU, MLX ops otherwise."""
 from __future__ import annotations
 
 import mlx.core as mx
 
 from .kernels import KernelSpec, get_kernel
 
-NORM_MIX = KernelSpec(name="norm_mix", inputs=("x_in", "dx", "x_prev", "ln_w", "ln_b", "mix"),
+NORM_MIX = KernelSpec(name="norm_mix", inputs=("x_in", "dx", "x_prev", "ln_w", "ln_b", "mix", "dims"),
                       outputs=("x_out", "h", "xs"))
 THREADS = 256
+SPREAD_BELOW_ROWS = 64  # fewer rows (decode): split each row over C / THREADS threadgroups
 
 
 def norm_mix(x: mx.array, dx: mx.array | None, ln: tuple[mx.array, mx.array], x_prev: mx.array,
@@ -19,13 +20,15 @@ def norm_mix(x: mx.array, dx: mx.array | None, ln: tuple[mx.array, mx.array], x_
     """
     B, T, C = x.shape
     M = mix.shape[0]
-    kernel = get_kernel(NORM_MIX) if T == 1 and dx is not None else None
+    kernel = get_kernel(NORM_MIX) if dx is not None else None
     if kernel is not None:
+        spread = B * T < SPREAD_BELOW_ROWS and C % THREADS == 0
+        nblk = C // THREADS if spread else 1
         x_out, h, xs = kernel(
-            inputs=[x, dx, x_prev, ln[0], ln[1], mix],
-            template=[("T", x.dtype), ("B", B), ("C", C), ("M", M), ("TG", THREADS)],
-            grid=(B * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-            output_shapes=[x.shape, x.shape, (M, B, C)], output_dtypes=[x.dtype] * 3)
+            inputs=[x, dx, x_prev, ln[0], ln[1], mix, mx.array([T, B], dtype=mx.int32)],
+            template=[("T", x.dtype), ("C", C), ("M", M), ("TG", THREADS), ("NBLK", nblk)],
+            grid=(B * T * nblk * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+            output_shapes=[x.shape, x.shape, (M, B * T, C)], output_dtypes=[x.dtype] * 3)
         return x_out, h, xs
     if dx is not None:
         x = x + dx

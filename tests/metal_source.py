@@ -137,9 +137,10 @@ def _norm_mix_call(dtype: mx.Dtype) -> None:
     from mlx_rwkv.norm_mix import norm_mix
 
     B, C, M = 2, 256, 6
-    x = mx.zeros((B, 1, C), dtype=dtype)
     ln = (mx.zeros((C,), dtype=dtype), mx.zeros((C,), dtype=dtype))
-    norm_mix(x, x, ln, mx.zeros((B, C), dtype=dtype), mx.zeros((M, C), dtype=dtype))
+    for T in (1, 40):  # rows split over threadgroups (decode), whole rows (prefill)
+        x = mx.zeros((B, T, C), dtype=dtype)
+        norm_mix(x, x, ln, mx.zeros((B, C), dtype=dtype), mx.zeros((M, C), dtype=dtype))
 
 
 def _q4k_call(dtype: mx.Dtype) -> None:  # both Q4_K kernels: mat-vec (decode) and dequant

@@ -70,11 +70,13 @@ def test_prompt_lengths_do_not_change_results_across_chunks():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("B,C,M", [(1, 768, 7), (3, 2048, 1), (2, 320, 7)])
-def test_norm_mix_kernel_matches_ops(dtype, B, C, M):
-    rng = np.random.default_rng(C + M)
+@pytest.mark.parametrize("B,T,C,M", [(1, 1, 768, 7), (3, 1, 2048, 1), (2, 1, 320, 7), (1, 37, 2048, 7),
+                                     (2, 5, 320, 1), (1, 100, 768, 7)])
+def test_norm_mix_kernel_matches_ops(dtype, B, T, C, M):
+    """Decode rows (each split over threadgroups) and prefill rows (token shift inside the chunk)."""
+    rng = np.random.default_rng(C + M + T)
     arr = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)  # noqa: E731
-    x, dx, x_prev, ln, mix = arr(B, 1, C), arr(B, 1, C), arr(B, C), (arr(C), arr(C)), arr(M, C)
+    x, dx, x_prev, ln, mix = arr(B, T, C), arr(B, T, C), arr(B, C), (arr(C), arr(C)), arr(M, C)
     got = norm_mix(x, dx, ln, x_prev, mix)
     want = _on_cpu(norm_mix, x, dx, ln, x_prev, mix)
     tol = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 4e-2}[dtype]
