@@ -12,6 +12,7 @@ run() {  # run NAME LIMIT_S CMD...: tee the filtered log to $out/NAME.log
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee "$out/$name.log" | tail -40
   echo "== $name done in $((SECONDS - t0)) s" | tee -a "$out/session.log"
+  cp bench/results/*.json "$out/" 2>/dev/null  # after every step: a cut-off session keeps its results
 }
 for step in "$@"; do
   case "$step" in
@@ -21,11 +22,13 @@ for step in "$@"; do
              run profile_prefill 120 python3 -m bench.profile_prefill --shape 1.5B ;;
     kernels) run bench_dispatch 60 python3 -m bench.bench_dispatch --write
              run bench_q4k 200 python3 -m bench.bench_q4k --shapes 2048x2048 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 --repeats 5 --write ;;
+    kernels-big) run bench_q4k 60 python3 -m bench.bench_q4k --shapes 4096x4096 65536x2048 --rows 1 8 --repeats 5 --write ;;
+    ncu-decode) run ncu_decode 60 bash -c "/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum python3 -m bench.kernel_times run decode > $out/decode.csv" ;;
     mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 --official --write ;;
+    mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 --official --write ;;
     q4k) run bench_mlx_q4k 240 python3 -m bench.bench_mlx --shape 1.5B --precision q4k --decode-steps 64 --write ;;
     webgpu) run bench_webgpu 300 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write ;;
     *) echo "unknown step $step" >&2 ;;
   esac
 done
-cp bench/results/*.json "$out/" 2>/dev/null
 true
