@@ -1,8 +1,8 @@
 """A Q4_K linear layer for MLX: y = x @ W.T with W stored as llama.cpp Q4_K blocks.
 
-On a GPU backend (Metal, CUDA) the blocks stay as they are and two custom kernels read them:
-`metal_kernels/q4k_matvec.inc` for up to MAX_MATVEC_ROWS activation rows (decode), and
-`metal_kernels/q4k_dequant.inc` + a dense matmul beyond that (prefill is compute-bound).
+On a GPU backend (Metal, CUDA) the blocks stay as they are: `metal_kernels/q4k_dequant.inc`
+expands them into a dense tile for MLX's matmul (prefill is compute-bound). Decode does not come
+here: `matvec.ProjectionGroup` reads the blocks directly in its grouped mat-vec kernel.
 
 On CPU (no custom kernels) the layer uses the fallback: every Q4_K sub-block of 32 weights is
 an affine 4-bit group w = (d*sc) * q - (dmin*m), exactly MLX's `mx.quantize(bits=4,
@@ -25,10 +25,7 @@ from mlx_rwkv.quant import BLOCK_BYTES, QK_K, SUB, Q4KTensor, unpack_scales
 
 GROUP, BITS = SUB, 4
 # wq / wh: the same blocks viewed as uint32 words and as halves (d, dmin readable as float)
-Q4K_MATVEC = KernelSpec(name="q4k_matvec", inputs=("wq", "wh", "x"), outputs=("y",))
 Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",))
-MAX_MATVEC_ROWS = 8  # activation rows per mat-vec launch (NT template: one build per count)
-ROWS_PER_GROUP = 4  # q4k_matvec: 64 threads, 2 rows per 32 lanes
 
 
 def repack_q4k(weight: Q4KTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,7 +53,7 @@ class Q4KLinear:
 
     def __init__(self, weight: Q4KTensor, scale_dtype: mx.Dtype = mx.float32) -> None:
         self.shape = weight.shape
-        self.kernel = get_kernel(Q4K_MATVEC)
+        self.kernel = get_kernel(Q4K_DEQUANT)
         if self.kernel is not None:
             blocks = mx.array(weight.blocks)
             self.wq = mx.view(blocks, mx.uint32)  # (rows, K/256*36)
@@ -72,7 +69,7 @@ class Q4KLinear:
         """A GPU layer over Q4_K blocks already on the device as uint32 words (a view is fine)."""
         layer = cls.__new__(cls)
         layer.shape = shape
-        layer.kernel = get_kernel(Q4K_MATVEC)
+        layer.kernel = get_kernel(Q4K_DEQUANT)
         layer.wq = words.reshape(shape[0], -1)
         layer.wh = mx.view(words, mx.float16).reshape(shape[0], -1)
         return layer
@@ -86,27 +83,14 @@ class Q4KLinear:
         if self.kernel is None:
             y = mx.quantized_matmul(x2.astype(self.scales.dtype), self.wq, self.scales, self.biases,
                                     transpose=True, group_size=GROUP, bits=BITS).astype(x.dtype)
-        elif x2.shape[0] <= MAX_MATVEC_ROWS:
-            y = self._matvec(x2)
         else:
             y = x2 @ self._dense(x.dtype).T
         return y.reshape(*lead, rows)
 
-    def _matvec(self, x2: mx.array) -> mx.array:
-        rows, k = self.shape
-        n = x2.shape[0]
-        groups = -(-rows // ROWS_PER_GROUP)
-        (y,) = self.kernel(
-            inputs=[self.wq, self.wh, x2],
-            template=[("TX", x2.dtype), ("ROWS", rows), ("K", k), ("NT", n)],
-            grid=(groups * 64, 1, 1), threadgroup=(64, 1, 1),
-            output_shapes=[(n, rows)], output_dtypes=[x2.dtype])
-        return y
-
     def _dense(self, dtype: mx.Dtype) -> mx.array:
         rows, k = self.shape
         threads = rows * k // 8  # one per 8 weights
-        (w,) = get_kernel(Q4K_DEQUANT)(
+        (w,) = self.kernel(
             inputs=[self.wq, self.wh], template=[("TX", dtype), ("ROWS", rows), ("K", k)],
             grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
             output_shapes=[(rows, k)], output_dtypes=[dtype])

@@ -143,7 +143,7 @@ def _norm_mix_call(dtype: mx.Dtype) -> None:
         norm_mix(x, x, ln, mx.zeros((B, C), dtype=dtype), mx.zeros((M, C), dtype=dtype))
 
 
-def _q4k_call(dtype: mx.Dtype) -> None:  # both Q4_K kernels: mat-vec (decode) and dequant
+def _q4k_call(dtype: mx.Dtype) -> None:  # Q4_K dequant (the prefill path of Q4_K weights)
     import numpy as np
 
     from mlx_rwkv.q4k_linear import Q4KLinear
@@ -151,7 +151,6 @@ def _q4k_call(dtype: mx.Dtype) -> None:  # both Q4_K kernels: mat-vec (decode) a
 
     rows, k = 8, 512
     layer = Q4KLinear(Q4KTensor(quantize_q4k(np.zeros((rows, k), np.float32)), (rows, k)))
-    layer(mx.zeros((1, k), dtype=dtype))  # q4k_matvec
     layer(mx.zeros((16, k), dtype=dtype))  # q4k_dequant + matmul
 
 
@@ -177,7 +176,6 @@ EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "wkv7_scan": _wkv7_scan_call,
     "wkv7_finish": _wkv7_scan_call,
     "norm_mix": _norm_mix_call,
-    "q4k_matvec": _q4k_call,
     "q4k_dequant": _q4k_call,
     "matvec": _matvec_call,
 }

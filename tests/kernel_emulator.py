@@ -1,0 +1,158 @@
+"""Run the portable kernel bodies (metal_kernels/*.inc) on the CPU, as C++ with real threads.
+
+`emulated_kernels()` patches `mlx_rwkv.kernels` so that every `get_kernel(spec)` returns a
+callable with the signature of an `mx.fast` kernel. The call generates C++ from the same body
+the GPU compiles (a small prelude maps the portable vocabulary: SHARED arrays, BARRIER() as a
+threadgroup barrier, SIMD_SUM as a 32-lane exchange through memory between barriers, 16-byte
+loads, fp16 via _Float16), builds it with g++ once per instantiation and runs each threadgroup
+as one std::thread per GPU thread. So the production wrappers (ProjectionGroup, norm_mix, wkv7)
+run end to end with their kernels in CI, where no GPU exists; bugs in the kernels' index
+arithmetic, staging and reductions show up there. Backend intrinsics themselves (warp
+shuffles, simd_sum) only run on the GPU host.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_rwkv import kernels
+
+C_TYPES = {mx.float32: "float", mx.float16: "_Float16", mx.int32: "int", mx.uint32: "uint"}
+NP_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.int32: np.int32, mx.uint32: np.uint32}
+BUILD_DIR = Path(tempfile.gettempdir()) / "rwkv_kernel_emulator"
+
+PRELUDE = r"""
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+typedef unsigned int uint;
+using std::max; using std::min; using std::exp; using std::sqrt; using std::tanh;
+struct uint4 { uint x, y, z, w; };
+struct float2 { float x, y; };
+struct EmuBarrier {
+  std::mutex m; std::condition_variable cv; uint n = 0, count = 0, generation = 0;
+  void wait() {
+    std::unique_lock<std::mutex> lock(m);
+    uint gen = generation;
+    if (++count == n) { count = 0; ++generation; cv.notify_all(); }
+    else cv.wait(lock, [&] { return gen != generation; });
+  }
+};
+static EmuBarrier emu_group;
+static std::vector<EmuBarrier> emu_warps(32);
+static float emu_lanes[32][32];
+static thread_local uint emu_tid;
+static float emu_simd_sum(float v) {
+  const uint w = emu_tid / 32;
+  emu_lanes[w][emu_tid % 32] = v;
+  emu_warps[w].wait();
+  float s = 0.0f;
+  for (uint i = 0; i < 32; ++i) s += emu_lanes[w][i];
+  emu_warps[w].wait();
+  return s;
+}
+static inline uint4 emu_load_u4(const void* p) { uint4 q; std::memcpy(&q, p, 16); return q; }
+static inline float emu_as_float(uint u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline float2 emu_half2(uint u) {
+  _Float16 h[2]; std::memcpy(h, &u, 4); return float2{float(h[0]), float(h[1])};
+}
+#define SHARED static
+#define BARRIER() emu_group.wait()
+#define DEVICE_FN inline
+#define SIMD_WIDTH 32
+#define SIMD_SUM(v) emu_simd_sum(v)
+#define LOAD_U4(ptr) emu_load_u4((const void*)(ptr))
+#define AS_FLOAT(u) emu_as_float(uint(u))
+#define HALF2_TO_FLOAT2(u) emu_half2(uint(u))
+"""
+
+RUNNER = r"""
+static void body(uint tid, uint gid{params}) {{
+{source}
+}}
+extern "C" void run(uint groups, uint threads, void** args) {{
+  emu_group.n = threads;
+  for (uint w = 0; w < 32; ++w) emu_warps[w].n = std::min(32u, threads - std::min(threads, 32 * w));
+  for (uint g = 0; g < groups; ++g) {{
+    std::vector<std::thread> pool;
+    for (uint t = 0; t < threads; ++t)
+      pool.emplace_back([=] {{ emu_tid = t; body(t, g{call}); }});
+    for (auto& th : pool) th.join();
+  }}
+}}
+"""
+
+
+@functools.cache
+def _library(source: str) -> ctypes.CDLL:
+    BUILD_DIR.mkdir(exist_ok=True)
+    digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+    lib = BUILD_DIR / f"k_{digest}.so"
+    if not lib.exists():
+        src = lib.with_suffix(".cpp")
+        src.write_text(source)
+        result = subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(src)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+class EmulatedKernel:
+    """Stands in for `mx.fast.metal_kernel(...)` / `cuda_kernel(...)` of one KernelSpec."""
+
+    def __init__(self, spec: kernels.KernelSpec):
+        self.spec = spec
+
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        ins = [np.ascontiguousarray(np.array(a)) for a in inputs]
+        outs = [np.full(shape, np.nan if dt in (mx.float32, mx.float16) else 0, NP_TYPES[dt])
+                for shape, dt in zip(output_shapes, output_dtypes)]
+        lines = []
+        for name, value in template:
+            if isinstance(value, mx.Dtype):
+                lines.append(f"typedef {C_TYPES[value]} {name};")
+            else:
+                lines.append(f"constexpr {'bool' if isinstance(value, bool) else 'int'} {name} = {int(value)};")
+        params, call = [], []
+        for i, (name, a) in enumerate(zip(self.spec.inputs, inputs)):
+            params.append(f"const {C_TYPES[a.dtype]}* {name}")
+            call.append(f"(const {C_TYPES[a.dtype]}*)args[{i}]")
+        for i, (name, dt) in enumerate(zip(self.spec.outputs, output_dtypes)):
+            params.append(f"{C_TYPES[dt]}* {name}")
+            call.append(f"({C_TYPES[dt]}*)args[{len(inputs) + i}]")
+        source = (PRELUDE + "\n".join(lines) + RUNNER.format(
+            params="".join(", " + p for p in params), call="".join(", " + c for c in call),
+            source=kernels.read_source(f"{self.spec.name}.inc")))
+        lib = _library(source)
+        threads = threadgroup[0]
+        assert grid[0] % threads == 0, "grids count threads: a whole number of threadgroups"
+        arrays = ins + outs
+        args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
+        return [mx.array(o) for o in outs]
+
+
+@contextlib.contextmanager
+def emulated_kernels():
+    """Within the block, `kernels.get_kernel` returns CPU-emulated kernels (needs g++)."""
+    if shutil.which("g++") is None:
+        import pytest
+
+        pytest.skip("needs g++ to emulate the kernels")
+    with mock.patch.object(kernels, "gpu_backend", lambda: "cuda"), \
+            mock.patch.object(kernels, "_build", lambda spec, backend: EmulatedKernel(spec)):
+        yield

@@ -1,0 +1,87 @@
+"""Every custom kernel, run on the CPU through the production wrappers (tests/kernel_emulator.py),
+against the pure-MLX path the CPU uses. The same checks run on the real GPU kernels in
+test_wkv_kernel.py / test_matvec_kernel.py (marked gpu); these keep the kernels' logic under CI.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from kernel_emulator import emulated_kernels
+from mlx_rwkv.matvec import ProjectionGroup, Segment
+from mlx_rwkv.norm_mix import norm_mix
+from mlx_rwkv.quant import Q4KTensor, quantize_q4k
+from mlx_rwkv.wkv import PARAM_NAMES, wkv7
+
+RNG = np.random.default_rng(5)
+TOL = {mx.float32: 2e-5, mx.float16: 4e-3}
+
+
+def arr(*shape, dtype=mx.float32, scale=1.0):
+    return mx.array(RNG.standard_normal(shape).astype(np.float32) * scale).astype(dtype)
+
+
+def close(got, want, tol):
+    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+    assert got.shape == want.shape
+    err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("B,T,C,M", [(1, 1, 512, 7), (2, 1, 320, 1), (1, 9, 256, 7), (2, 3, 320, 1)])
+def test_norm_mix(dtype, B, T, C, M):
+    x, dx, x_prev, ln, mix = (arr(B, T, C, dtype=dtype), arr(B, T, C, dtype=dtype), arr(B, C, dtype=dtype),
+                              (arr(C, dtype=dtype), arr(C, dtype=dtype)), arr(M, C, dtype=dtype))
+    want = norm_mix(x, dx, ln, x_prev, mix)
+    with emulated_kernels():
+        got = norm_mix(x, dx, ln, x_prev, mix)
+    for g, w in zip(got, want):
+        close(g, w, 4 * TOL[dtype])
+
+
+def _wkv_inputs(B, T, H, dtype):
+    C = H * 64
+    ranges = {"w0": (-2, 1), "a0": (-1, 1), "v0": (-1, 1), "k_k": (0.5, 1.0), "k_a": (0.5, 1.5),
+              "r_k": (-0.1, 0.2), "ln_w": (0.5, 1.5), "ln_b": (-0.1, 0.1)}
+    params = {n: mx.array(RNG.uniform(*ranges[n], C).astype(np.float32)) for n in PARAM_NAMES}
+    acts = [arr(B, T, C, dtype=dtype) for _ in range(8)]
+    return acts, params, arr(B, H, 64, 64, scale=0.3)
+
+
+@pytest.mark.parametrize("T", [1, 3, 21])  # fused decode kernel; scan + finish (stages of 16)
+@pytest.mark.parametrize("first", [True, False])
+def test_wkv7(T, first):
+    (r, k, v, g, lw, la, lv, vf), params, state = _wkv_inputs(2, T, 2, mx.float32)
+    vf = None if first else vf
+    y_want, s_want = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
+    with emulated_kernels():
+        y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
+    close(s, s_want, 1e-4)
+    close(y, y_want, 1e-4)
+
+
+def _group(shapes, acts, bases, q4k, dtype):
+    segments = []
+    for (rows, k), act, base in zip(shapes, acts, bases):
+        w = RNG.standard_normal((rows, k)).astype(np.float32) / np.sqrt(k)
+        segments.append(Segment(Q4KTensor(quantize_q4k(w), (rows, k)) if q4k and k % 256 == 0 else w, act, base))
+    return segments
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("q4k", [False, True])
+@pytest.mark.parametrize("nt", [1, 3])
+def test_matvec(dtype, q4k, nt):
+    """Mixed segments: odd row counts (a SIMD-group's second row past the end), tanh/sigmoid/relu2."""
+    shapes = [(5, 512), (3, 256), (33, 512), (2, 64)]
+    acts, bases = ["none", "tanh", "relu2", "sigmoid"], [0, 512, 768, 1280]
+    segments = _group(shapes, acts, bases, q4k, dtype)
+    x = arr(nt * 1344, dtype=dtype)
+    want = ProjectionGroup(segments, dtype)(x, nt)
+    with emulated_kernels():
+        group = ProjectionGroup(segments, dtype)
+        assert group.kernel is not None
+        got = group(x, nt)
+    close(got, want, TOL[dtype] if not q4k else 1e-4 if dtype == mx.float32 else TOL[dtype])
