@@ -1,11 +1,12 @@
-"""Run the portable kernel bodies (metal_kernels/*.inc) on the CPU, as C++ with real threads.
+"""Run the portable kernel bodies (metal_kernels/*.inc) on the CPU, as C++ coroutines.
 
 `emulated_kernels()` patches `mlx_rwkv.kernels` so that every `get_kernel(spec)` returns a
 callable with the signature of an `mx.fast` kernel. The call generates C++ from the same body
 the GPU compiles (a small prelude maps the portable vocabulary: SHARED arrays, BARRIER() as a
 threadgroup barrier, SIMD_SUM as a 32-lane exchange through memory between barriers, 16-byte
 loads, fp16 via _Float16), builds it with g++ once per instantiation and runs each threadgroup
-as one std::thread per GPU thread. So the production wrappers (ProjectionGroup, norm_mix, wkv7)
+with one coroutine (ucontext) per GPU thread on one OS thread: a barrier yields until every
+participant has arrived, so the interleaving is deterministic. So the production wrappers (ProjectionGroup, norm_mix, wkv7)
 run end to end with their kernels in CI, where no GPU exists; bugs in the kernels' index
 arithmetic, staging and reductions show up there. Backend intrinsics themselves (warp
 shuffles, simd_sum) only run on the GPU host.
@@ -34,31 +35,34 @@ BUILD_DIR = Path(tempfile.gettempdir()) / "rwkv_kernel_emulator"
 PRELUDE = r"""
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <mutex>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 typedef unsigned int uint;
 using std::max; using std::min; using std::exp; using std::sqrt; using std::tanh;
 struct uint4 { uint x, y, z, w; };
 struct float2 { float x, y; };
+// GPU threads as coroutines on one OS thread: a barrier yields until every participant arrived.
+struct EmuFiber { ucontext_t ctx; std::vector<char> stack; bool done; };
+static ucontext_t emu_main;
+static std::vector<EmuFiber> emu_fibers;
+static uint emu_current, emu_gid;
+static void** emu_args;
+static void emu_yield() { swapcontext(&emu_fibers[emu_current].ctx, &emu_main); }
 struct EmuBarrier {
-  std::mutex m; std::condition_variable cv; uint n = 0, count = 0, generation = 0;
+  uint n = 0, arrived = 0, generation = 0;
   void wait() {
-    std::unique_lock<std::mutex> lock(m);
-    uint gen = generation;
-    if (++count == n) { count = 0; ++generation; cv.notify_all(); }
-    else cv.wait(lock, [&] { return gen != generation; });
+    const uint gen = generation;
+    if (++arrived == n) { arrived = 0; ++generation; }
+    else while (gen == generation) emu_yield();
   }
 };
 static EmuBarrier emu_group;
-static std::vector<EmuBarrier> emu_warps(32);
+static EmuBarrier emu_warps[32];
 static float emu_lanes[32][32];
-static thread_local uint emu_tid;
 static float emu_simd_sum(float v) {
-  const uint w = emu_tid / 32;
-  emu_lanes[w][emu_tid % 32] = v;
+  const uint w = emu_current / 32;
+  emu_lanes[w][emu_current % 32] = v;
   emu_warps[w].wait();
   float s = 0.0f;
   for (uint i = 0; i < 32; ++i) s += emu_lanes[w][i];
@@ -84,14 +88,36 @@ RUNNER = r"""
 static void body(uint tid, uint gid{params}) {{
 {source}
 }}
+static void emu_entry() {{
+  void** args = emu_args;
+  body(emu_current, emu_gid{call});
+  emu_fibers[emu_current].done = true;
+}}
 extern "C" void run(uint groups, uint threads, void** args) {{
+  emu_args = args;
+  emu_fibers.resize(threads);
   emu_group.n = threads;
   for (uint w = 0; w < 32; ++w) emu_warps[w].n = std::min(32u, threads - std::min(threads, 32 * w));
   for (uint g = 0; g < groups; ++g) {{
-    std::vector<std::thread> pool;
-    for (uint t = 0; t < threads; ++t)
-      pool.emplace_back([=] {{ emu_tid = t; body(t, g{call}); }});
-    for (auto& th : pool) th.join();
+    emu_gid = g;
+    for (uint t = 0; t < threads; ++t) {{
+      EmuFiber& f = emu_fibers[t];
+      f.stack.resize(1 << 16);
+      f.done = false;
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_size = f.stack.size();
+      f.ctx.uc_link = &emu_main;
+      makecontext(&f.ctx, emu_entry, 0);
+    }}
+    for (uint left = threads; left > 0;) {{
+      for (uint t = 0; t < threads; ++t) {{
+        if (emu_fibers[t].done) continue;
+        emu_current = t;
+        swapcontext(&emu_main, &emu_fibers[t].ctx);
+        left -= emu_fibers[t].done;
+      }}
+    }}
   }}
 }}
 """
@@ -105,7 +131,7 @@ def _library(source: str) -> ctypes.CDLL:
     if not lib.exists():
         src = lib.with_suffix(".cpp")
         src.write_text(source)
-        result = subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(src)],
+        result = subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(lib), str(src)],
                                 capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-4000:]
     return ctypes.CDLL(str(lib))

@@ -514,3 +514,47 @@ def test_tiny_model_bits_per_byte_matches_oracle(tiny_weights):
     print(f"tiny model: {ours:.6f} bpb (oracle {ref:.6f}), float16 {ours16:.6f}")
     assert abs(ours - ref) < 1e-4
     assert abs(ours16 - ref) < 1e-3
+
+
+def _arrays(obj, seen=None):
+    """Every mx.array reachable from obj through our objects' attributes, lists, tuples, dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, mx.array):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _arrays(item, seen)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _arrays(item, seen)
+    elif type(obj).__module__.startswith("mlx_rwkv."):
+        for item in vars(obj).values():
+            yield from _arrays(item, seen)
+
+
+@pytest.mark.parametrize("quant", [None, "q4k"])
+@pytest.mark.parametrize("gpu_layout", [False, True])
+def test_weights_are_materialized_at_load(quant, gpu_layout):
+    """A lazy weight captured by the compiled decode step would be recomputed on every step
+    (it happened twice: the packed mat-vec buffers, the cast embedding table).
+    gpu_layout: build as on a GPU (packed mat-vec buffers), with emulated kernels."""
+    import contextlib
+
+    from bench.graph_nodes import count_kernel_nodes
+    from kernel_emulator import emulated_kernels
+    from mlx_rwkv.quant import quantize_model
+
+    config = _config(n_layer=2, n_embd=256, vocab_size=300, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    weights = synthesize(config, seed=SEED, dtype=np.float16)
+    if quant:
+        weights = quantize_model(weights, include_head=True)
+    with emulated_kernels() if gpu_layout else contextlib.nullcontext():
+        model = build_model(weights, config, "float16")
+    assert (model.head.kernel is not None) == gpu_layout
+    arrays = list(_arrays(model))
+    assert len(arrays) > 10 * config.n_layer
+    lazy = [a.shape for a in arrays if count_kernel_nodes(a)]
+    assert not lazy, f"unevaluated model arrays of shapes {lazy[:5]}"
