@@ -50,8 +50,8 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int) -> dict[str
     xs = [mx.array(rng.standard_normal((t, k)).astype(np.float32)).astype(mx.float16) for _ in range(calls)]
     copies = lambda nbytes: max(1, min(calls, -(-L2_DEFEAT_BYTES // nbytes)))  # noqa: E731
 
-    def group(weight) -> list:
-        groups = [ProjectionGroup([Segment(weight)], mx.float16) for _ in range(copies(rows * k * 2))]
+    def group(weight, nbytes: int) -> list:
+        groups = [ProjectionGroup([Segment(weight)], mx.float16) for _ in range(copies(nbytes))]
         mx.eval([g.__dict__ for g in groups])
         return [lambda x, g=g: g(x, t) for g in groups]
 
@@ -68,9 +68,9 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int) -> dict[str
     mx.eval(w16, *xs)
     q4_bytes = rows * k // 32 * (16 + 2 + 2)  # nibbles + fp16 scale + fp16 bias per 32
     impls = {
-        "q4k": (group(qt), rows * k // 256 * 144),
+        "q4k": (group(qt, rows * k // 256 * 144), rows * k // 256 * 144),
         "q4-mlx": ([mlx_q4(i) for i in range(copies(q4_bytes))], q4_bytes),
-        "f16": (group(w), rows * k * 2),
+        "f16": (group(w, rows * k * 2), rows * k * 2),
         "f16-mlx": ([mlx_f16(i) for i in range(copies(rows * k * 2))], rows * k * 2),
     }
     return {name: rates_gb_s(fns, xs, nbytes, repeats) for name, (fns, nbytes) in impls.items()}

@@ -48,13 +48,12 @@ def main() -> None:
     xs_in = [act(7, nt, C) for _ in range(args.copies)]
     proj = [layer.att_in(x, nt) for x in xs_in]
     mx.eval(proj)
-    hid = [y[3 * nt * C:] for y in proj]
     wkv_in = [[act(B, T, C) for _ in range(8)] for _ in range(args.copies)]
     stages = {
-        "norm_mix (ops)": (lambda x: norm_mix(x, x, layer.ln1, state.att_x[1], layer.att_mix),
+        "norm_mix": (lambda x: norm_mix(x, x, layer.ln1, state.att_x[1], layer.att_mix),
                            [act(B, T, C) for _ in range(args.copies)]),
         "att_in (r,k,v + LoRA down)": (lambda x: layer.att_in(x, nt), xs_in),
-        "lora_up": (lambda h: layer.lora_up(h, nt), hid),
+        "lora_up": (lambda y: layer.lora_up(y, nt), proj),
         "wkv7 (scan + finish)": (lambda a: wkv7(*a, layer.wkv_params, state.wkv[1]), wkv_in),
         "att_out": (lambda x: layer.att_out(x, nt), [act(nt, C) for _ in range(args.copies)]),
         "ffn key + relu2": (lambda x: layer.ffn_key(x, nt), [act(nt, C) for _ in range(args.copies)]),

@@ -70,7 +70,8 @@ def build_layer(w: Mapping[str, np.ndarray], i: int, config: ModelConfig, dtype:
               for slot, n in enumerate(("receptance", "key", "value"))]
     att_in += [Segment(_dense_t(down), acts.get(name, "none"), (3 + slot) * C)
                for slot, (name, (down, _)) in enumerate(zip(LORAS, loras))]
-    hidden_bases = np.cumsum([0] + [down.shape[1] for down, _ in loras[:-1]])
+    # the up-projections read the LoRA hiddens where att_in wrote them, after r, k, v
+    hidden_bases = 3 * C + np.cumsum([0] + [down.shape[1] for down, _ in loras[:-1]])
     lora_up = [Segment(_dense_t(up), x_base=int(base)) for (_, up), base in zip(loras, hidden_bases)]
     return Layer(
         ln1=(vec("ln1.weight"), vec("ln1.bias")),

@@ -5,8 +5,9 @@ microseconds of dispatch. So the projections that read the same kind of input ru
 r/k/v with the four LoRA down-projections (their activations fused), the four LoRA
 up-projections, and the FFN key with its squared ReLU. `metal_kernels/matvec.inc` does up to
 MAX_ROWS activation rows (batch x tokens) with one SIMD-group per two output rows, reading dense
-(fp16/bf16/fp32) or Q4_K weights. Above MAX_ROWS (prefill) and on CPU each segment is an
-ordinary matmul (`Dense` or `Q4KLinear`).
+(fp16/bf16/fp32) or Q4_K weights with 16-byte loads (so every K and x_base must be a multiple
+of 8, and x must start 16-byte aligned; other groups never use the kernel). Above MAX_ROWS
+(prefill) and on CPU each segment is an ordinary matmul (`Dense` or `Q4KLinear`).
 
 Layout: the input `x` is one flat buffer in which segment s reads its (nt, K_s) rows at
 nt * x_base_s; the output is one flat buffer with segment s's (nt, rows_s) at nt * y_base_s
@@ -15,6 +16,7 @@ nt * x_base_s; the output is one flat buffer with segment s's (nt, rows_s) at nt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -22,13 +24,16 @@ import numpy as np
 from .kernels import KernelSpec, get_kernel
 from .quant import Q4KTensor
 
+if TYPE_CHECKING:
+    from .q4k_linear import Q4KLinear
+
 MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x"), outputs=("y",))
 ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 Q4K_KIND = 4
 MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
 ROWS_PER_SIMDGROUP = 2  # output rows per SIMD-group: the activations they load serve both
 WARPS = 8  # SIMD-groups per threadgroup
-_WFMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
+_FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 
 
 @dataclass
@@ -70,7 +75,8 @@ class ProjectionGroup:
         self.y_bases = list(np.cumsum([0] + [rows for rows, _ in self.shapes[:-1]]))
         self.dtype = dtype
         self.kernel = get_kernel(MATVEC)
-        if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes):
+        if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes) \
+                and all(base % 8 == 0 for base in self.x_bases):
             self._pack(segments)
         else:
             self.kernel = None
@@ -92,7 +98,7 @@ class ProjectionGroup:
         if self.kernel is not None and nt <= MAX_ROWS:
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x],
-                template=[("TX", x.dtype), ("XFMT", _WFMT[x.dtype]), ("WFMT", _WFMT[self.dtype]), ("NT", nt),
+                template=[("TX", x.dtype), ("XFMT", _FMT[x.dtype]), ("WFMT", _FMT[self.dtype]), ("NT", nt),
                           ("NSEG", len(self.shapes)), ("NR", ROWS_PER_SIMDGROUP), ("WARPS", WARPS)],
                 grid=(-(-self._simdgroups // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
@@ -132,7 +138,7 @@ class ProjectionGroup:
         self.table = mx.array(np.array(table, np.int32).reshape(-1))
         self.linears = [self._view(*row[:3], row[5]) for row in table]
 
-    def _view(self, rows: int, k: int, off: int, kind: int):
+    def _view(self, rows: int, k: int, off: int, kind: int) -> "Dense | Q4KLinear":
         """A segment as a matmul layer over a view of the packed buffers (no copy)."""
         if kind & Q4K_KIND:
             from .q4k_linear import Q4KLinear
@@ -150,7 +156,7 @@ def _to_mx(w: np.ndarray | mx.array, dtype: mx.Dtype) -> mx.array:
     return to_mx(w, dtype)
 
 
-def _linear(w: np.ndarray | mx.array | Q4KTensor, dtype: mx.Dtype):
+def _linear(w: np.ndarray | mx.array | Q4KTensor, dtype: mx.Dtype) -> "Dense | Q4KLinear":
     if isinstance(w, Q4KTensor):
         from .q4k_linear import Q4KLinear
 

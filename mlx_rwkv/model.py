@@ -122,7 +122,7 @@ class RWKV7:
         nt, C = bt[0] * bt[1], xs.shape[-1]
         proj = layer.att_in(xs, nt)  # r, k, v (nt, C) each, then the four LoRA hiddens
         r, k, v = layer.att_in.split(proj, nt)[:3]
-        lw, la, lv, g = layer.lora_up.split(layer.lora_up(proj[3 * nt * C:], nt), nt)
+        lw, la, lv, g = layer.lora_up.split(layer.lora_up(proj, nt), nt)  # reads the hiddens
         r, k, v, g, lw, la, lv = (t.reshape(*bt, C) for t in (r, k, v, g, lw, la, lv))
         y, s = wkv7(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, s)
         return layer.att_out(y, nt).reshape(*bt, C), v if v_first is None else v_first, s

@@ -1,7 +1,7 @@
 """A Q4_K linear layer for MLX: y = x @ W.T with W stored as llama.cpp Q4_K blocks.
 
 On a GPU backend (Metal, CUDA) the blocks stay as they are: `metal_kernels/q4k_dequant.inc`
-expands them into a dense tile for MLX's matmul (prefill is compute-bound). Decode does not come
+expands the whole matrix for each call, then MLX's matmul runs (prefill is compute-bound). Decode does not come
 here: `matvec.ProjectionGroup` reads the blocks directly in its grouped mat-vec kernel.
 
 On CPU (no custom kernels) the layer uses the fallback: every Q4_K sub-block of 32 weights is

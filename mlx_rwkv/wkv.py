@@ -9,6 +9,8 @@ All keep the state and the decay in fp32.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import mlx.core as mx
 
 from .kernels import KernelSpec, get_kernel
@@ -32,7 +34,8 @@ DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay 
 GROUP_NORM_EPS = 64e-5
 FUSED_MAX_T = 4  # above this, scan + finish win (the fused kernel is serial per token)
 SIMD_WIDTH = 32  # lanes per SIMD-group (CUDA warp, Apple SIMD-group)
-SCAN_WARPS = 16  # scan kernel: state rows (SIMD-groups) per threadgroup = tokens per stage
+SCAN_ROWS_X_N = 1024  # scan: state rows (SIMD-groups) per threadgroup x head size (N=64: 16 rows);
+# rows = tokens per stage, so its five shared vectors stay 1024 floats (20 KB in all) for any N
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 
@@ -60,21 +63,24 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
             output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
         return y, new_state
     N = state.shape[-1]
-    scan = get_kernel(WKV7_SCAN) if N % SIMD_WIDTH == 0 and N % SCAN_WARPS == 0 else None
+    warps = SCAN_ROWS_X_N // N
+    scan = get_kernel(WKV7_SCAN) if N % SIMD_WIDTH == 0 and N % warps == 0 else None
     if scan is not None:
-        return _scan_and_finish(scan, r, k, v, g, lw, la, lv, v_first, params, state)
+        return _scan_and_finish(scan, warps, r, k, v, g, lw, la, lv, v_first, params, state)
     return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
-def _scan_and_finish(scan, r, k, v, g, lw, la, lv, v_first, params, state):
+def _scan_and_finish(scan: Callable, warps: int, r: mx.array, k: mx.array, v: mx.array, g: mx.array,
+                     lw: mx.array, la: mx.array, lv: mx.array, v_first: mx.array | None,
+                     params: dict[str, mx.array], state: mx.array) -> tuple[mx.array, mx.array]:
     B, T, C = r.shape
     _, H, N, _ = state.shape
     first = v_first is None
     y_raw, bonus, new_state = scan(
         inputs=[r, k, v, lw, la, v if first else lv, v if first else v_first,
                 *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)],
-        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("WARPS", SCAN_WARPS)],
-        grid=(B * H * N * SIMD_WIDTH, 1, 1), threadgroup=(SCAN_WARPS * SIMD_WIDTH, 1, 1),  # a row per SIMD-group
+        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("WARPS", warps)],
+        grid=(B * H * N * SIMD_WIDTH, 1, 1), threadgroup=(warps * SIMD_WIDTH, 1, 1),  # a row per SIMD-group
         output_shapes=[r.shape, r.shape, state.shape], output_dtypes=[mx.float32] * 3)
     (y,) = get_kernel(WKV7_FINISH)(
         inputs=[y_raw, bonus, g, params["ln_w"], params["ln_b"]],

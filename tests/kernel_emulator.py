@@ -69,7 +69,11 @@ static float emu_simd_sum(float v) {
   emu_warps[w].wait();
   return s;
 }
-static inline uint4 emu_load_u4(const void* p) { uint4 q; std::memcpy(&q, p, 16); return q; }
+static int emu_misaligned = 0;  // a 16-byte load from an address that is not 16-byte aligned
+static inline uint4 emu_load_u4(const void* p) {
+  emu_misaligned |= (reinterpret_cast<unsigned long>(p) % 16) != 0;
+  uint4 q; std::memcpy(&q, p, 16); return q;
+}
 static inline float emu_as_float(uint u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline float2 emu_half2(uint u) {
   _Float16 h[2]; std::memcpy(h, &u, 4); return float2{float(h[0]), float(h[1])};
@@ -93,7 +97,8 @@ static void emu_entry() {{
   body(emu_current, emu_gid{call});
   emu_fibers[emu_current].done = true;
 }}
-extern "C" void run(uint groups, uint threads, void** args) {{
+extern "C" int run(uint groups, uint threads, void** args) {{
+  emu_misaligned = 0;
   emu_args = args;
   emu_fibers.resize(threads);
   emu_group.n = threads;
@@ -119,6 +124,7 @@ extern "C" void run(uint groups, uint threads, void** args) {{
       }}
     }}
   }}
+  return emu_misaligned;
 }}
 """
 
@@ -166,9 +172,12 @@ class EmulatedKernel:
         lib = _library(source)
         threads = threadgroup[0]
         assert grid[0] % threads == 0, "grids count threads: a whole number of threadgroups"
+        # inputs are copied (numpy aligns them), so a view's offset on the GPU is not mirrored
+        # here: ProjectionGroup's kernel takes whole buffers and checks x_base alignment itself
         arrays = ins + outs
         args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
+        misaligned = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
+        assert not misaligned, f"{self.spec.name}: a 16-byte load from an unaligned address"
         return [mx.array(o) for o in outs]
 
 

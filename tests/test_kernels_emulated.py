@@ -120,3 +120,15 @@ def test_whole_model_gpu_path(dtype, quant):
     close(got, want, tol)
     for a, b in zip(got_state.wkv, want_state.wkv):
         close(a, b, tol)
+
+
+def test_matvec_falls_back_where_16_byte_loads_would_misalign():
+    """x_base or K not a multiple of 8 (odd LoRA ranks, head sizes): the matmul path, same results."""
+    for shapes, bases in (([(8, 64)], [12]), ([(8, 36)], [0])):
+        segments = _group(shapes, ["none"], bases, False, mx.float16)
+        x = arr(2 * (bases[0] + shapes[0][1]), dtype=mx.float16)
+        want = ProjectionGroup(segments, mx.float16)(x, 2)
+        with emulated_kernels():
+            group = ProjectionGroup(segments, mx.float16)
+            assert group.kernel is None
+            close(group(x, 2), want, 0)
