@@ -28,8 +28,10 @@ import numpy as np
 
 from mlx_rwkv import kernels
 
-C_TYPES = {mx.float32: "float", mx.float16: "_Float16", mx.int32: "int", mx.uint32: "uint"}
-NP_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.int32: np.int32, mx.uint32: np.uint32}
+C_TYPES = {mx.float32: "float", mx.float16: "_Float16", mx.bfloat16: "emu_bf16", mx.int32: "int",
+           mx.uint32: "uint"}
+NP_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.int32: np.int32,
+            mx.uint32: np.uint32}  # bfloat16 travels as its bits
 BUILD_DIR = Path(tempfile.gettempdir()) / "rwkv_kernel_emulator"
 
 PRELUDE = r"""
@@ -42,6 +44,15 @@ typedef unsigned int uint;
 using std::max; using std::min; using std::exp; using std::sqrt; using std::tanh;
 struct uint4 { uint x, y, z, w; };
 struct float2 { float x, y; };
+struct emu_bf16 {  // bfloat16 as the GPU types behave: float in, round to nearest even
+  unsigned short bits;
+  emu_bf16() = default;
+  emu_bf16(float f) {
+    uint u; std::memcpy(&u, &f, 4);
+    bits = (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const { uint u = uint(bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+};
 // GPU threads as coroutines on one OS thread: a barrier yields until every participant arrived.
 struct EmuFiber { ucontext_t ctx; std::vector<char> stack; bool done; };
 static ucontext_t emu_main;
@@ -150,9 +161,9 @@ class EmulatedKernel:
         self.spec = spec
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-        ins = [np.ascontiguousarray(np.array(a)) for a in inputs]
-        outs = [np.full(shape, np.nan if dt in (mx.float32, mx.float16) else 0, NP_TYPES[dt])
-                for shape, dt in zip(output_shapes, output_dtypes)]
+        ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
+        outs = [np.full(shape, np.nan if dt in (mx.float32, mx.float16) else 0xFFC0 if dt == mx.bfloat16 else 0,
+                        NP_TYPES[dt]) for shape, dt in zip(output_shapes, output_dtypes)]
         lines = []
         for name, value in template:
             if isinstance(value, mx.Dtype):
@@ -178,7 +189,8 @@ class EmulatedKernel:
         args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
         misaligned = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
         assert not misaligned, f"{self.spec.name}: a 16-byte load from an unaligned address"
-        return [mx.array(o) for o in outs]
+        return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
+                for o, dt in zip(outs, output_dtypes)]
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from mlx_rwkv.quant import Q4KTensor, quantize_q4k
 from mlx_rwkv.wkv import PARAM_NAMES, wkv7
 
 RNG = np.random.default_rng(5)
-TOL = {mx.float32: 2e-5, mx.float16: 4e-3}
+TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 
 
 def arr(*shape, dtype=mx.float32, scale=1.0):
@@ -29,7 +29,7 @@ def close(got, want, tol):
     assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("B,T,C,M", [(1, 1, 512, 7), (2, 1, 320, 1), (1, 9, 256, 7), (2, 3, 320, 1)])
 def test_norm_mix(dtype, B, T, C, M):
     x, dx, x_prev, ln, mix = (arr(B, T, C, dtype=dtype), arr(B, T, C, dtype=dtype), arr(B, C, dtype=dtype),
@@ -70,7 +70,7 @@ def _group(shapes, acts, bases, q4k, dtype):
     return segments
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("q4k", [False, True])
 @pytest.mark.parametrize("nt", [1, 3])
 def test_matvec(dtype, q4k, nt):
@@ -84,10 +84,10 @@ def test_matvec(dtype, q4k, nt):
         group = ProjectionGroup(segments, dtype)
         assert group.kernel is not None
         got = group(x, nt)
-    close(got, want, TOL[dtype] if not q4k else 1e-4 if dtype == mx.float32 else TOL[dtype])
+    close(got, want, 1e-4 if q4k and dtype == mx.float32 else TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("quant", [None, "q4k"])
 def test_whole_model_gpu_path(dtype, quant):
     """The model as it runs on a GPU (packed projections, every kernel, prefill and decode
@@ -116,7 +116,7 @@ def test_whole_model_gpu_path(dtype, quant):
         model = build_model(weights, config, dtype)
         assert model.head.kernel is not None
         got, got_state = run(model)
-    tol = 2e-4 if dtype == "float32" else 2e-2
+    tol = {"float32": 2e-4, "float16": 2e-2, "bfloat16": 5e-2}[dtype]  # measured: bf16 up to 1e-2
     close(got, want, tol)
     for a, b in zip(got_state.wkv, want_state.wkv):
         close(a, b, tol)
