@@ -21,11 +21,23 @@ from bench.graph_nodes import count_kernel_nodes
 from bench.results_io import record, write_results
 from mlx_rwkv.config import ModelConfig, config_for_shape
 from mlx_rwkv.loading import build_model
+from mlx_rwkv.model import RWKV7
 from mlx_rwkv.quant import quantize_model
 from mlx_rwkv.synth import synthesize
 
 PRECISIONS = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "q4k": "float16"}
 MATRIX_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q4k": 144 / 256}  # Q4_K: 144-byte blocks of 256
+
+
+def synthetic_model(shape: str, precision: str, n_layer: int | None = None,
+                    vocab_size: int | None = None) -> tuple[RWKV7, ModelConfig, dict]:
+    """An MLX model with synthetic weights at `shape` (Q4_K quantized for precision q4k),
+    its config and its canonical weights (what the official package loads)."""
+    config = config_for_shape(shape, n_layer=n_layer, vocab_size=vocab_size)
+    weights = synthesize(config, seed=0, dtype=np.float32 if precision == "f32" else np.float16)
+    if precision == "q4k":
+        weights = quantize_model(weights, include_head=True)
+    return build_model(weights, config, PRECISIONS[precision]), config, weights
 
 
 def weight_bytes_per_token(config: ModelConfig, precision: str) -> float:
@@ -128,11 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = None
     records = []
     for shape in args.shape:
-        config = config_for_shape(shape, n_layer=args.layers, vocab_size=args.vocab)
-        weights = synthesize(config, seed=0, dtype=np.float16 if args.precision != "f32" else np.float32)
-        if args.precision == "q4k":
-            weights = quantize_model(weights, include_head=True)
-        model = build_model(weights, config, PRECISIONS[args.precision])
+        model, config, weights = synthetic_model(shape, args.precision, args.layers, args.vocab)
         bpt = weight_bytes_per_token(config, args.precision)
         if bandwidth is None:
             from bench.results_io import measure_bandwidth_gb_s

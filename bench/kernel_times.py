@@ -19,18 +19,11 @@ from collections import defaultdict
 import mlx.core as mx
 import numpy as np
 
-from mlx_rwkv.config import config_for_shape
-from mlx_rwkv.loading import build_model
-from mlx_rwkv.quant import quantize_model
-from mlx_rwkv.synth import synthesize
+from bench.bench_mlx import synthetic_model
 
 
 def run(mode: str, shape: str, layers: int | None, precision: str, tokens: int) -> None:
-    config = config_for_shape(shape, n_layer=layers)
-    weights = synthesize(config, seed=0, dtype=np.float16)
-    if precision == "q4k":
-        weights = quantize_model(weights, include_head=True)
-    model = build_model(weights, config, "float16")
+    model, config, _ = synthetic_model(shape, precision, layers)
     ids = mx.array(np.random.default_rng(0).integers(1, config.vocab_size, tokens), dtype=mx.int32)
     state = model.new_state()
     mx.eval(state.arrays())

@@ -13,10 +13,9 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from bench.bench_mlx import synthetic_model
 from mlx_rwkv.config import config_for_shape
-from mlx_rwkv.loading import build_model
 from mlx_rwkv.norm_mix import norm_mix
-from mlx_rwkv.synth import synthesize
 from mlx_rwkv.wkv import wkv7
 
 
@@ -36,9 +35,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--copies", type=int, default=8)
     args = p.parse_args()
-    config = config_for_shape(args.shape, n_layer=2)
+    model, config, _ = synthetic_model(args.shape, "f16", n_layer=2)
     n_layer = config_for_shape(args.shape).n_layer
-    model = build_model(synthesize(config, seed=0, dtype=np.float16), config, "float16")
     layer = model.layers[1]
     B, T, C = 1, args.tokens, config.n_embd
     nt = B * T
