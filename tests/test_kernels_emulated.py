@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated_kernels
-from mlx_rwkv.matvec import ProjectionGroup, Segment
+from mlx_rwkv.matvec import ProjectionGroup
 from mlx_rwkv.norm_mix import norm_mix
-from mlx_rwkv.quant import Q4KTensor, quantize_q4k
-from mlx_rwkv.wkv import PARAM_NAMES, wkv7
+from mlx_rwkv.wkv import wkv7
+from test_matvec_kernel import TOL, _segments
+from test_wkv_kernel import random_inputs
 
 RNG = np.random.default_rng(5)
-TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
 
 
 def arr(*shape, dtype=mx.float32, scale=1.0):
@@ -41,33 +41,16 @@ def test_norm_mix(dtype, B, T, C, M):
         close(g, w, 4 * TOL[dtype])
 
 
-def _wkv_inputs(B, T, H, dtype):
-    C = H * 64
-    ranges = {"w0": (-2, 1), "a0": (-1, 1), "v0": (-1, 1), "k_k": (0.5, 1.0), "k_a": (0.5, 1.5),
-              "r_k": (-0.1, 0.2), "ln_w": (0.5, 1.5), "ln_b": (-0.1, 0.1)}
-    params = {n: mx.array(RNG.uniform(*ranges[n], C).astype(np.float32)) for n in PARAM_NAMES}
-    acts = [arr(B, T, C, dtype=dtype) for _ in range(8)]
-    return acts, params, arr(B, H, 64, 64, scale=0.3)
-
-
 @pytest.mark.parametrize("T", [1, 3, 21])  # fused decode kernel; scan + finish (stages of 16)
 @pytest.mark.parametrize("first", [True, False])
 def test_wkv7(T, first):
-    (r, k, v, g, lw, la, lv, vf), params, state = _wkv_inputs(2, T, 2, mx.float32)
+    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(2, T, 2, 64, mx.float32, seed=T)
     vf = None if first else vf
     y_want, s_want = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
     with emulated_kernels():
         y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
     close(s, s_want, 1e-4)
     close(y, y_want, 1e-4)
-
-
-def _group(shapes, acts, bases, q4k, dtype):
-    segments = []
-    for (rows, k), act, base in zip(shapes, acts, bases):
-        w = RNG.standard_normal((rows, k)).astype(np.float32) / np.sqrt(k)
-        segments.append(Segment(Q4KTensor(quantize_q4k(w), (rows, k)) if q4k and k % 256 == 0 else w, act, base))
-    return segments
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
@@ -77,7 +60,7 @@ def test_matvec(dtype, q4k, nt):
     """Mixed segments: odd row counts (a SIMD-group's second row past the end), tanh/sigmoid/relu2."""
     shapes = [(5, 512), (3, 256), (33, 512), (2, 64)]
     acts, bases = ["none", "tanh", "relu2", "sigmoid"], [0, 512, 768, 1280]
-    segments = _group(shapes, acts, bases, q4k, dtype)
+    segments, _ = _segments(shapes, acts, q4k, bases)
     x = arr(nt * 1344, dtype=dtype)
     want = ProjectionGroup(segments, dtype)(x, nt)
     with emulated_kernels():
@@ -125,7 +108,7 @@ def test_whole_model_gpu_path(dtype, quant):
 def test_matvec_falls_back_where_16_byte_loads_would_misalign():
     """x_base or K not a multiple of 8 (odd LoRA ranks, head sizes): the matmul path, same results."""
     for shapes, bases in (([(8, 64)], [12]), ([(8, 36)], [0])):
-        segments = _group(shapes, ["none"], bases, False, mx.float16)
+        segments, _ = _segments(shapes, ["none"], False, bases)
         x = arr(2 * (bases[0] + shapes[0][1]), dtype=mx.float16)
         want = ProjectionGroup(segments, mx.float16)(x, 2)
         with emulated_kernels():
