@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .config import ModelConfig, config_for_shape
 from .matvec import ProjectionGroup, Segment
 from .model import LORAS, MIX_ORDER, RWKV7, Layer
-from .quant import Q4KTensor, is_quantized_file, load_quantized, quantize_model
+from .quant import is_quantized_file, load_quantized, quantize_model
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_SHAPE = "0.1B"  # the built-in synthetic model when no checkpoint is given

@@ -40,7 +40,7 @@ _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 class Segment:
     """One projection: weight (rows, K) dense or Q4_K, its activation, where its input starts."""
 
-    weight: np.ndarray | mx.array | Q4KTensor
+    weight: np.ndarray | Q4KTensor
     act: str = "none"
     x_base: int = 0
 
@@ -148,15 +148,13 @@ class ProjectionGroup:
         return Dense(mx.view(self.wd[off: off + words], self.dtype).reshape(rows, k))
 
 
-def _to_mx(w: np.ndarray | mx.array, dtype: mx.Dtype) -> mx.array:
-    if isinstance(w, mx.array):
-        return w.astype(dtype)
-    from .loading import to_mx
+def _to_mx(w: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    from .loading import to_mx  # loading builds models from this module
 
     return to_mx(w, dtype)
 
 
-def _linear(w: np.ndarray | mx.array | Q4KTensor, dtype: mx.Dtype) -> "Dense | Q4KLinear":
+def _linear(w: np.ndarray | Q4KTensor, dtype: mx.Dtype) -> "Dense | Q4KLinear":
     if isinstance(w, Q4KTensor):
         from .q4k_linear import Q4KLinear
 

@@ -101,13 +101,13 @@ class RWKV7:
         x, dx = self.emb[ids], None  # (B, T, C); dx: the pending residual update
         att_x, wkv, ffn_x = [], [], []
         v_first = None
+        nt = B * T  # activation rows of every projection
         for i, layer in enumerate(self.layers):
             x, h, xs = norm_mix(x, dx, layer.ln1, state.att_x[i], layer.att_mix)  # xs (7, B*T, C)
             dx, v_first, s = self._time_mix(layer, xs, state.wkv[i], v_first, (B, T))
             att_x.append(h[:, -1, :])
             wkv.append(s)
             x, h, xk = norm_mix(x, dx, layer.ln2, state.ffn_x[i], layer.ffn_mix)  # xk (1, B*T, C)
-            nt = B * T
             dx = layer.ffn_value(layer.ffn_key(xk, nt), nt).reshape(x.shape)  # relu(x K)^2 V
             ffn_x.append(h[:, -1, :])
         x = x + dx

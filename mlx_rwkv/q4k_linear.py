@@ -55,9 +55,7 @@ class Q4KLinear:
         self.shape = weight.shape
         self.kernel = get_kernel(Q4K_DEQUANT)
         if self.kernel is not None:
-            blocks = mx.array(weight.blocks)
-            self.wq = mx.view(blocks, mx.uint32)  # (rows, K/256*36)
-            self.wh = mx.view(blocks, mx.float16)  # (rows, K/256*72)
+            self._use_words(mx.view(mx.array(weight.blocks).reshape(-1), mx.uint32))
         else:
             wq, scales, biases = repack_q4k(weight)
             self.wq = mx.array(wq)
@@ -70,9 +68,13 @@ class Q4KLinear:
         layer = cls.__new__(cls)
         layer.shape = shape
         layer.kernel = get_kernel(Q4K_DEQUANT)
-        layer.wq = words.reshape(shape[0], -1)
-        layer.wh = mx.view(words, mx.float16).reshape(shape[0], -1)
+        layer._use_words(words)
         return layer
+
+    def _use_words(self, words: mx.array) -> None:
+        """The kernel's two views of the blocks: uint32 words and halves (d, dmin as float)."""
+        self.wq = words.reshape(self.shape[0], -1)  # (rows, K/256*36)
+        self.wh = mx.view(words, mx.float16).reshape(self.shape[0], -1)  # (rows, K/256*72)
 
     def __call__(self, x: mx.array) -> mx.array:
         rows, k = self.shape

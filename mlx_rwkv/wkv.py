@@ -116,7 +116,7 @@ def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.a
 def _recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
     """y_t = S_t r_t with S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T; fp32 (B, T, H, N)."""
     ys = []
-    for t in range(T := r.shape[1]):
+    for t in range(r.shape[1]):
         sa = state @ a[:, t, :, :, None]  # (B, H, N, 1) = S a
         state = state * w[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
         ys.append((state @ r[:, t, :, :, None])[..., 0])

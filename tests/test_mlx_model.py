@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from conftest import SMALL_CONFIGS, _config
-from mlx_rwkv.config import ModelConfig
 from mlx_rwkv.loading import build_model
 from mlx_rwkv.model import RWKV7
 from mlx_rwkv.state import State, StateError

@@ -42,7 +42,6 @@ class WebGPUModel:
         self.gpu, self.config, self.fmt = gpu, config, fmt
         self.limit = min(gpu.max_binding, max_binding or gpu.max_binding)
         self.per_op_sync = False  # True: submit and wait after every op (the sync experiment)
-        C, L = config.n_embd, config.n_layer
         self.ranks = {"w": config.d_decay, "a": config.d_aaa, "v": config.d_mv, "g": config.d_gate}
         self.t_max = self._chunk_size(prefill_chunk)
         self.state_layout = StateLayout(config)
@@ -51,7 +50,7 @@ class WebGPUModel:
         self.vectors = self._vector_table(weights)
         self.buffers = self._allocate()
         self.buffers["vecs"] = self.vectors.upload(gpu)
-        self.stages = [self._layer_stages(weights, i) for i in range(L)]
+        self.stages = [self._layer_stages(weights, i) for i in range(config.n_layer)]
         self.head = upload(gpu, [Linear("head", to_matrix(weights["head.weight"], fmt), 0, None, 0)], self.limit)
         self._ops: dict[tuple[str, bool], list[Op]] = {}
         self._resident: weakref.ref[WebGPUState] | None = None
