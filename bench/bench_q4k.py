@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from bench.results_io import record, write_results
+from mlx_rwkv import matvec
 from mlx_rwkv.matvec import ProjectionGroup, Segment
 from mlx_rwkv.quant import Q4KTensor, quantize_q4k
 
@@ -28,21 +29,27 @@ DEFAULT_SHAPES = ["2048x2048", "2560x2560", "4096x4096", "8192x2048", "2048x8192
 
 
 L2_DEFEAT_BYTES = 256 * 2**20
+DEFAULT_NR = matvec.ROWS_PER_SIMDGROUP
 
 
 def rates_gb_s(fns: list, xs: list[mx.array], nbytes: int, repeats: int) -> list[float]:
-    """Effective GB/s of len(xs) products, call i on weight copy i % len(fns)."""
+    """Effective GB/s of len(xs) products, call i on weight copy i % len(fns).
+
+    The graph is built before the clock starts: the Python cost of building it is not the
+    kernel's (a compiled decode step does not pay it either)."""
     calls = lambda: [fns[i % len(fns)](x) for i, x in enumerate(xs)]  # noqa: E731
     mx.eval(calls())  # compile / warm up
     rates = []
     for _ in range(repeats):
+        outs = calls()
         t0 = time.perf_counter()
-        mx.eval(calls())
+        mx.eval(outs)
         rates.append(nbytes * len(xs) / (time.perf_counter() - t0) / 1e9)
     return rates
 
 
-def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int) -> dict[str, list[float]]:
+def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[int]) -> dict[str, list[float]]:
+    """Rates of every implementation; ours once per rows-per-SIMD-group value in nrs."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((rows, k)) * 0.02).astype(np.float32)
     qt = Q4KTensor(quantize_q4k(w), (rows, k))
@@ -54,6 +61,15 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int) -> dict[str
         groups = [ProjectionGroup([Segment(weight)], mx.float16) for _ in range(copies(nbytes))]
         mx.eval([g.__dict__ for g in groups])
         return [lambda x, g=g: g(x, t) for g in groups]
+
+    def ours(name: str, weight, nbytes: int) -> dict[str, list[float]]:
+        out = {}
+        for nr in nrs:
+            matvec.ROWS_PER_SIMDGROUP = nr
+            label = name if nr == DEFAULT_NR else f"{name}-nr{nr}"
+            out[label] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
+        matvec.ROWS_PER_SIMDGROUP = DEFAULT_NR
+        return out
 
     def mlx_q4(i: int):
         wq, scales, biases = mx.quantize(w16 + 0 * i, group_size=32, bits=4)  # a distinct copy
@@ -67,13 +83,13 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int) -> dict[str
 
     mx.eval(w16, *xs)
     q4_bytes = rows * k // 32 * (16 + 2 + 2)  # nibbles + fp16 scale + fp16 bias per 32
-    impls = {
-        "q4k": (group(qt, rows * k // 256 * 144), rows * k // 256 * 144),
+    q4k_bytes = rows * k // 256 * 144
+    mlx_impls = {
         "q4-mlx": ([mlx_q4(i) for i in range(copies(q4_bytes))], q4_bytes),
-        "f16": (group(w, rows * k * 2), rows * k * 2),
         "f16-mlx": ([mlx_f16(i) for i in range(copies(rows * k * 2))], rows * k * 2),
     }
-    return {name: rates_gb_s(fns, xs, nbytes, repeats) for name, (fns, nbytes) in impls.items()}
+    rates = ours("q4k", qt, q4k_bytes) | ours("f16", w, rows * k * 2)
+    return rates | {name: rates_gb_s(fns, xs, nbytes, repeats) for name, (fns, nbytes) in mlx_impls.items()}
 
 
 def main() -> None:
@@ -82,15 +98,17 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", type=int, default=[1, 8], help="activation rows T per call")
     p.add_argument("--calls", type=int, default=64, help="products per evaluation")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--rows-per-simdgroup", type=int, nargs="+", default=[DEFAULT_NR],
+                   help="output rows per SIMD-group of our kernel (tuning; non-default values are labelled -nrN)")
     p.add_argument("--write", action="store_true", help="add the records to bench/results/")
     args = p.parse_args()
     records = []
-    print(f"{'shape':>12} {'T':>2} " + " ".join(f"{n:>14}" for n in ("q4k GB/s", "q4-mlx GB/s", "f16 GB/s", "f16-mlx GB/s")))
     for shape in args.shapes:
         rows, k = (int(v) for v in shape.split("x"))
         for t in args.rows:
-            rates = bench_shape(rows, k, t, args.calls, args.repeats)
-            print(f"{shape:>12} {t:>2} " + " ".join(f"{np.median(r):14.1f}" for r in rates.values()), flush=True)
+            rates = bench_shape(rows, k, t, args.calls, args.repeats, args.rows_per_simdgroup)
+            print(f"{shape:>12} T={t} " + "  ".join(f"{name} {np.median(r):.0f}" for name, r in rates.items()) + " GB/s",
+                  flush=True)
             for name, r in rates.items():
                 records.append(record("mlx", shape, name, "kernel", "whole-pass", batch=t, tokens=args.calls,
                                       rates=r, rate_key="gb_s"))

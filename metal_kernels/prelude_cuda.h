@@ -16,6 +16,8 @@ DEVICE_FN float rwkv_warp_sum(float v) {
 #define LOAD_U4(ptr) (*((const uint4*)(ptr)))
 #define AS_FLOAT(u) __uint_as_float(u)
 #define HALF2_TO_FLOAT2(u) rwkv_half2_to_float2(u)
+// BYTE_F(word, i): 0.5 + b / 256 as a float for byte i of word, b < 128 (b in bits 16..23 of 0.5)
+#define BYTE_F(word, i) __uint_as_float(__byte_perm((word), 0x3F000000u, 0x7044u | ((i) << 8)))
 DEVICE_FN float2 rwkv_half2_to_float2(uint u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
 }

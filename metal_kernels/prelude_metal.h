@@ -9,3 +9,5 @@
 #define LOAD_U4(ptr) (*((const device uint4*)(ptr)))
 #define AS_FLOAT(u) as_type<float>(uint(u))
 #define HALF2_TO_FLOAT2(u) float2(as_type<half2>(uint(u)))
+// BYTE_F(word, i): 0.5 + b / 256 as a float for byte i of word, b < 128 (b in bits 16..23 of 0.5)
+#define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))

@@ -97,6 +97,7 @@ static inline float2 emu_half2(uint u) {
 #define LOAD_U4(ptr) emu_load_u4((const void*)(ptr))
 #define AS_FLOAT(u) emu_as_float(uint(u))
 #define HALF2_TO_FLOAT2(u) emu_half2(uint(u))
+#define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))
 """
 
 RUNNER = r"""
