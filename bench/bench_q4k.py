@@ -29,7 +29,6 @@ DEFAULT_SHAPES = ["2048x2048", "2560x2560", "4096x4096", "8192x2048", "2048x8192
 
 
 L2_DEFEAT_BYTES = 256 * 2**20
-DEFAULT_NR = matvec.ROWS_PER_SIMDGROUP
 
 
 def rates_gb_s(fns: list, xs: list[mx.array], nbytes: int, repeats: int) -> list[float]:
@@ -63,12 +62,14 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[i
         return [lambda x, g=g: g(x, t) for g in groups]
 
     def ours(name: str, weight, nbytes: int) -> dict[str, list[float]]:
+        setting = "Q4K_ROWS_PER_SIMDGROUP" if name == "q4k" else "ROWS_PER_SIMDGROUP"
+        default = getattr(matvec, setting)
         out = {}
-        for nr in nrs:
-            matvec.ROWS_PER_SIMDGROUP = nr
-            label = name if nr == DEFAULT_NR else f"{name}-nr{nr}"
+        for nr in nrs or [default]:
+            setattr(matvec, setting, nr)
+            label = name if nr == default else f"{name}-nr{nr}"
             out[label] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
-        matvec.ROWS_PER_SIMDGROUP = DEFAULT_NR
+        setattr(matvec, setting, default)
         return out
 
     def mlx_q4(i: int):
@@ -98,7 +99,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", type=int, default=[1, 8], help="activation rows T per call")
     p.add_argument("--calls", type=int, default=64, help="products per evaluation")
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--rows-per-simdgroup", type=int, nargs="+", default=[DEFAULT_NR],
+    p.add_argument("--rows-per-simdgroup", type=int, nargs="+", default=[],
                    help="output rows per SIMD-group of our kernel (tuning; non-default values are labelled -nrN)")
     p.add_argument("--write", action="store_true", help="add the records to bench/results/")
     args = p.parse_args()

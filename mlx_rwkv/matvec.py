@@ -31,7 +31,8 @@ MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x"), outputs=("y"
 ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 Q4K_KIND = 4
 MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
-ROWS_PER_SIMDGROUP = 2  # output rows per SIMD-group: the activations they load serve both
+ROWS_PER_SIMDGROUP = 2  # output rows per SIMD-group: the activations it loads serve them all
+Q4K_ROWS_PER_SIMDGROUP = 4  # the same for a group with Q4_K segments (more work per activation)
 WARPS = 8  # SIMD-groups per threadgroup
 _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 
@@ -74,6 +75,8 @@ class ProjectionGroup:
         self.x_bases = [s.x_base for s in segments]
         self.y_bases = list(np.cumsum([0] + [rows for rows, _ in self.shapes[:-1]]))
         self.dtype = dtype
+        has_q4k = any(isinstance(s.weight, Q4KTensor) for s in segments)
+        self.rows_per_simdgroup = Q4K_ROWS_PER_SIMDGROUP if has_q4k else ROWS_PER_SIMDGROUP
         self.kernel = get_kernel(MATVEC)
         if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes) \
                 and all(base % 8 == 0 for base in self.x_bases):
@@ -91,7 +94,7 @@ class ProjectionGroup:
 
     @property
     def _simdgroups(self) -> int:
-        return sum(-(-rows // ROWS_PER_SIMDGROUP) for rows, _ in self.shapes)
+        return sum(-(-rows // self.rows_per_simdgroup) for rows, _ in self.shapes)
 
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
@@ -99,7 +102,7 @@ class ProjectionGroup:
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x],
                 template=[("TX", x.dtype), ("XFMT", _FMT[x.dtype]), ("WFMT", _FMT[self.dtype]), ("NT", nt),
-                          ("NSEG", len(self.shapes)), ("NR", ROWS_PER_SIMDGROUP), ("WARPS", WARPS)],
+                          ("NSEG", len(self.shapes)), ("NR", self.rows_per_simdgroup), ("WARPS", WARPS)],
                 grid=(-(-self._simdgroups // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
             return y

@@ -55,7 +55,7 @@ def test_wkv7(T, first):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("q4k", [False, True])
-@pytest.mark.parametrize("nt", [1, 3])
+@pytest.mark.parametrize("nt", [1, 3, 8])
 def test_matvec(dtype, q4k, nt):
     """Mixed segments: odd row counts (a SIMD-group's second row past the end), tanh/sigmoid/relu2."""
     shapes = [(5, 512), (3, 256), (33, 512), (2, 64)]
