@@ -15,11 +15,13 @@ import pytest
 import wgpu
 
 from mlx_rwkv.config import ModelConfig
-from mlx_rwkv.quant import Q4KTensor, dequantize_model, quantize_model, save_quantized
+from mlx_rwkv.quant import Q4KTensor, dequantize_model, quantize_model, quantize_q4k, save_quantized
 from mlx_rwkv.synth import synthesize
 from oracle import forward as oracle_forward
 from webgpu_ref import NoAdapterError, WebGPUError, WebGPUModel
 from webgpu_ref import device as webgpu_device
+from webgpu_ref import ops
+from webgpu_ref.weights import Linear, to_matrix, upload
 
 from conftest import SMALL_CONFIGS
 
@@ -109,6 +111,46 @@ def test_q4k_matches_dequantized_oracle(gpu, dtype):
     for t in (8, 9):  # Q4_K mat-vec
         step_logits, state = model.forward([tokens[t]], state)
         assert max_err(step_logits, reference[t]) < Q4K_TOL
+
+
+@pytest.mark.parametrize("subgroups", [None, False], ids=["default", "shared-memory-sums"])
+def test_q4k_matvec_matches_dequantized_weights(gpu, subgroups):
+    """The Q4_K mat-vec alone, several groups in one dispatch: odd super-block counts, rows not a
+    multiple of 8, a K whose sub-block shares outnumber the workgroup (a second loop step), the
+    token shift and the epilogues."""
+    gpu = webgpu_device.get_gpu(subgroups=subgroups)
+    rng = np.random.default_rng(5)
+    shapes = [(13, 768, "mix", "none"), (8, 256, None, "tanh"), (21, 2560, "mix", "add"), (5, 8448, None, "relu_sq")]
+    items, xs, mus, expected, x_off, mu_off, out_off = [], [], [], [], 0, 0, 0
+    for i, (rows, k, mix, act) in enumerate(shapes):
+        q4k = Q4KTensor(quantize_q4k(rng.standard_normal((rows, k), dtype=np.float32)), (rows, k))
+        prev, cur = rng.standard_normal((2, k), dtype=np.float32)
+        mu = rng.random(k, dtype=np.float32) if mix else None
+        x = cur if mu is None else cur + (prev - cur) * mu
+        y = q4k.dequantize().astype(np.float64) @ x.astype(np.float64)
+        expected.append({"none": y, "tanh": np.tanh(y), "add": 1.0 + y, "relu_sq": np.maximum(y, 0) ** 2}[act])
+        items.append(Linear(f"w{i}", to_matrix(q4k, "f32"), x_off + k, mu_off if mix else None, out_off, act))
+        xs += [prev, cur]
+        if mix:
+            mus.append(mu)
+            mu_off += k
+        x_off += 2 * k
+        out_off += rows
+    [batch] = upload(gpu, items, gpu.max_binding)
+    device, usage = gpu.device, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
+    x = device.create_buffer_with_data(data=np.concatenate(xs), usage=usage)
+    vecs = device.create_buffer_with_data(data=np.concatenate(mus), usage=usage)
+    out = device.create_buffer_with_data(data=np.ones(out_off, np.float32), usage=usage)
+    step = device.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32), usage=wgpu.BufferUsage.UNIFORM)
+    op = ops.linear(gpu, "q4k", "q4k", batch.groups, batch.buffer, x, vecs, out, step, False)
+    encoder = device.create_command_encoder()
+    compute_pass = encoder.begin_compute_pass()
+    ops.encode(compute_pass, [op], 1)
+    compute_pass.end()
+    device.queue.submit([encoder.finish()])
+    got = np.frombuffer(device.queue.read_buffer(out), np.float32)
+    want = np.concatenate(expected)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_quant_option_quantizes_at_load(gpu):

@@ -6,34 +6,57 @@ alias W4 = vec4<u32>;
 
 const Q4K_BLOCK: u32 = 9u;  // vec4<u32> per super-block
 
-fn scale_byte(head: vec4<u32>, i: u32) -> u32 {
-    return (head[1u + i / 4u] >> (8u * (i % 4u))) & 0xffu;
+// The scales of chunk c's sub-blocks 2c, 2c + 1 in the words s0, s1, s2 = head.y, head.z, head.w
+// (scales bytes 0-3, 4-7, 8-11), as llama.cpp's get_scale_min_k4 reads them:
+//   j < 4:  sc_j = s0.byte[j] & 63,  m_j = s1.byte[j] & 63
+//   j >= 4: sc_j = (s2.byte[j-4] & 15) | (s0.byte[j-4] >> 6) << 4,
+//           m_j = (s2.byte[j-4] >> 4) | (s1.byte[j-4] >> 6) << 4
+// 2c and 2c + 1 use bytes 2(c % 2) and 2(c % 2) + 1 of their words, so both cases read
+// ((s >> a) & mask_a) | ((s2 >> b) & mask_b), s = s0 for sc and s1 for m, with shifts and
+// masks that depend on c only.
+struct ScaleShifts {
+    a: vec4<u32>,  // for (sc_2c, sc_2c+1, m_2c, m_2c+1) from (s0, s0, s1, s1)
+    b: vec4<u32>,  // the same from s2
+    mask_a: u32,
+    mask_b: u32,
 }
 
-// (sc_j, m_j) of sub-block j, unpacked from the 12 scale bytes as llama.cpp's get_scale_min_k4.
-fn scale_min(head: vec4<u32>, j: u32) -> vec2<f32> {
-    if j < 4u {
-        return vec2<f32>(f32(scale_byte(head, j) & 63u), f32(scale_byte(head, j + 4u) & 63u));
-    }
-    let lo = scale_byte(head, j + 4u);
-    let sc = (lo & 0xfu) | ((scale_byte(head, j - 4u) >> 6u) << 4u);
-    let m = (lo >> 4u) | ((scale_byte(head, j) >> 6u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
+fn scale_shifts(c: u32) -> ScaleShifts {
+    let byte = vec4<u32>(16u * (c % 2u));
+    let high = c >= 2u;  // sub-blocks 4..7
+    return ScaleShifts(byte + vec4<u32>(0u, 8u, 0u, 8u) + select(0u, 2u, high), byte + vec4<u32>(0u, 8u, 4u, 12u),
+                       select(63u, 0x30u, high), select(0u, 15u, high));
 }
 
-// The four nibbles of the bytes of `q`, low (high = false) or high (high = true), as floats.
-fn nibbles(q: u32, high: bool) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((q >> select(0u, 4u, high)) & 0x0f0f0f0fu));
+// (sc_2c, sc_2c+1, m_2c, m_2c+1) of the super-block with header `head`, for sh = scale_shifts(c).
+fn scales_mins(head: W4, sh: ScaleShifts) -> vec4<f32> {
+    let a = (vec4<u32>(head.yy, head.zz) >> sh.a) & vec4<u32>(sh.mask_a);
+    let b = (vec4<u32>(head.w) >> sh.b) & vec4<u32>(sh.mask_b);
+    return vec4<f32>(a | b);
+}
+
+// Shifts that take the nibble of byte e (low: bits 8e..8e+3, high: 8e+4..8e+7) to bits 19..22.
+const LOW_LEFT = vec4<u32>(19u, 11u, 3u, 0u);
+const LOW_RIGHT = vec4<u32>(0u, 0u, 0u, 5u);
+const HIGH_LEFT = vec4<u32>(15u, 7u, 0u, 0u);
+const HIGH_RIGHT = vec4<u32>(0u, 0u, 1u, 9u);
+
+// The low (or high) nibbles q of the 4 bytes of `v` as the floats f = 1 + q/16: in the top
+// mantissa bits of 1.0 they need no conversion, 2 integer ops each; sum q x = 16 (sum f x - sum x).
+fn nibble_floats(v: u32, left: vec4<u32>, right: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>((((vec4<u32>(v) << left) >> right) & vec4<u32>(0x00780000u)) | vec4<u32>(0x3f800000u));
 }
 
 // 4 weights of `row`, columns col..col+3 (col % 4 == 0), of the (M, K) matrix at W4 `w_off`.
 fn load_w4(w_off: u32, k: u32, row: u32, col: u32) -> vec4<f32> {
     let block = w_off + (row * (k / 256u) + col / 256u) * Q4K_BLOCK;
     let j = (col % 256u) / 32u;  // sub-block; its nibbles sit in chunk j / 2
+    let high = j % 2u == 1u;
     let l = col % 32u;
     let head = w[block];
     let d = unpack2x16float(head.x);
-    let sm = scale_min(head, j);
+    let sm = scales_mins(head, scale_shifts(j / 2u));
     let q = w[block + 1u + (j / 2u) * 2u + l / 16u][(l % 16u) / 4u];
-    return d.x * sm.x * nibbles(q, j % 2u == 1u) - d.y * sm.y;
+    let f = nibble_floats(q, select(LOW_LEFT, HIGH_LEFT, high), select(LOW_RIGHT, HIGH_RIGHT, high));
+    return 16.0 * d.x * select(sm.x, sm.y, high) * (f - 1.0) - d.y * select(sm.z, sm.w, high);
 }
