@@ -6,14 +6,17 @@
 Synthetic weights at real shapes (mlx_rwkv.synth, f16; Q4_K through mlx_rwkv.quant). Modes:
   decode   batch 1, greedy (argmax on the host), one forward call = one submit + logits readback
   prefill  T tokens from a zero state, last token's logits; one submit per chunk of the engine
-  kernel   one mat-vec (M x K, f16 or Q4_K) dispatched many times in one compute pass;
-           gb_s = weight bytes / (wall time of the submit / dispatches), dispatch cost included
+  kernel   one mat-vec (M x K, f16 or Q4_K) dispatched many times in one compute pass, cycling
+           through distinct copies of the matrix (>= 256 MiB in all, so the weights come from
+           HBM, not from the 50 MB L2 of an H100); gb_s = weight bytes / (wall time of the
+           submit / dispatches), dispatch cost included
 Strategies: `webgpu-one-submit` (the engine) and `webgpu-per-op` (submit and wait after every op).
 Records go to bench/results/<device>-<date>.json with --write (bench/results_io.py).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -31,6 +34,7 @@ from webgpu_ref.weights import Linear, to_matrix, upload
 
 STRATEGIES = {"one-submit": "webgpu-one-submit", "per-op": "webgpu-per-op"}
 KERNEL_BYTES = 2e9  # weight bytes streamed per kernel measurement (sets the dispatch count)
+L2_DEFEAT_BYTES = 256 * 2**20  # kernel mode cycles through this many bytes of weight copies at least
 
 
 def build(weights: dict, config: ModelConfig, precision: str, chunk: int) -> WebGPUModel:
@@ -65,23 +69,28 @@ def time_prefill(model: WebGPUModel, tokens: int, repeats: int) -> list[float]:
     return rates
 
 
-def kernel_ops(gpu: GPU, rows: int, k: int, precision: str) -> tuple[list[ops.Op], int]:
-    """The mat-vec op(s) of one random [rows, K] matrix (several if it exceeds a binding) and its bytes."""
+def kernel_ops(gpu: GPU, rows: int, k: int, precision: str) -> tuple[list[list[ops.Op]], int]:
+    """The mat-vec op(s) of one random [rows, K] matrix (several if it exceeds a binding), for each
+    of enough copies of it in distinct buffers to span L2_DEFEAT_BYTES, and the bytes of one copy."""
     w = (np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) * 0.02).astype(np.float16)
     weight = Q4KTensor(quantize_q4k(w), (rows, k)) if precision == "q4k" else w
-    batches = upload(gpu, [Linear("w", to_matrix(weight, "f16"), 0, None, 0)], gpu.max_binding)
+    matrix = to_matrix(weight, "f16")
     device, usage = gpu.device, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
     x = device.create_buffer_with_data(data=np.ones(k, np.float32), usage=usage)
     vecs = device.create_buffer(size=64, usage=usage)
     out = device.create_buffer(size=4 * rows, usage=usage)
     step = device.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32), usage=wgpu.BufferUsage.UNIFORM)
-    kernels = [ops.linear(gpu, f"w.{i}", b.fmt, b.groups, b.buffer, x, vecs, out, step, False)
-               for i, b in enumerate(batches)]
-    return kernels, sum(b.buffer.size for b in batches)
+    copies = []
+    for c in range(-(-L2_DEFEAT_BYTES // matrix.data.nbytes)):
+        batches = upload(gpu, [Linear(f"w{c}", matrix, 0, None, 0)], gpu.max_binding)
+        copies.append([ops.linear(gpu, f"w{c}.{i}", b.fmt, b.groups, b.buffer, x, vecs, out, step, False)
+                       for i, b in enumerate(batches)])
+    return copies, matrix.data.nbytes
 
 
-def time_kernel(gpu: GPU, kernels: list[ops.Op], nbytes: int, per_op: bool, repeats: int) -> list[float]:
-    """GB/s of weights for one pass of `kernels`, dispatched n times per submit (or one per submit)."""
+def time_kernel(gpu: GPU, copies: list[list[ops.Op]], nbytes: int, per_op: bool, repeats: int) -> list[float]:
+    """GB/s of weights for one pass over one copy's ops, the copies taken in turn, n passes per
+    submit (or one per submit)."""
     device = gpu.device
     n = max(10, min(1000, int(KERNEL_BYTES / nbytes)))
     if per_op:
@@ -89,12 +98,14 @@ def time_kernel(gpu: GPU, kernels: list[ops.Op], nbytes: int, per_op: bool, repe
     fence = device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
     scratch = device.create_buffer(size=4, usage=wgpu.BufferUsage.COPY_SRC)
 
-    def submit_and_wait(copies: int) -> float:
-        """Seconds from submit to completion of `copies` passes over the kernels (encoding excluded)."""
+    turn = itertools.cycle(copies)  # across submits too: a copy comes back after all the others
+
+    def submit_and_wait(passes: int) -> float:
+        """Seconds from submit to completion of `passes` passes (encoding excluded)."""
         encoder = device.create_command_encoder()
         compute_pass = encoder.begin_compute_pass()
-        for _ in range(copies):
-            ops.encode(compute_pass, kernels, 1)
+        for _ in range(passes):
+            ops.encode(compute_pass, next(turn), 1)
         compute_pass.end()
         encoder.copy_buffer_to_buffer(scratch, 0, fence, 0, 4)
         buffers = [encoder.finish()]
@@ -104,7 +115,7 @@ def time_kernel(gpu: GPU, kernels: list[ops.Op], nbytes: int, per_op: bool, repe
         fence.unmap()
         return time.perf_counter() - start
 
-    submit_and_wait(3)  # warm-up
+    submit_and_wait(len(copies))  # warm-up
     rates = []
     for _ in range(repeats):
         seconds = sum(submit_and_wait(1) for _ in range(n)) if per_op else submit_and_wait(n)
@@ -154,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
                     if precision == "q4k" and k % 256:
                         print(f"kernel  {rows}x{k}: no Q4_K (K must be a multiple of 256)")
                         continue
-                    kernels, nbytes = kernel_ops(gpu, rows, k, precision)
+                    copies, nbytes = kernel_ops(gpu, rows, k, precision)
                     for strategy in args.strategy:
-                        rates = time_kernel(gpu, kernels, nbytes, strategy == "per-op", args.repeats)
+                        rates = time_kernel(gpu, copies, nbytes, strategy == "per-op", args.repeats)
                         records.append(record("webgpu", f"{rows}x{k}", precision, "kernel", STRATEGIES[strategy],
-                                              tokens=1, rates=rates, rate_key="gb_s", kernels_per_token=len(kernels),
+                                              tokens=1, rates=rates, rate_key="gb_s", kernels_per_token=len(copies[0]),
                                               roofline_fraction=roofline(statistics.median(rates))))
                         print(f"kernel  {rows}x{k:<6} {precision:4} {strategy:10} {statistics.median(rates):9.1f} GB/s")
         if not {"decode", "prefill"} & set(args.mode):
