@@ -15,6 +15,7 @@ cannot serve them; the rate is the effective bandwidth: bytes of weights read pe
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import mlx.core as mx
@@ -47,8 +48,9 @@ def rates_gb_s(fns: list, xs: list[mx.array], nbytes: int, repeats: int) -> list
     return rates
 
 
-def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[int]) -> dict[str, list[float]]:
-    """Rates of every implementation; ours once per rows-per-SIMD-group value in nrs."""
+def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[int],
+                blocks: list[int]) -> dict[str, list[float]]:
+    """Rates of every implementation; ours once per tuning (rows per SIMD-group, Q4_K blocks in flight)."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((rows, k)) * 0.02).astype(np.float32)
     qt = Q4KTensor(quantize_q4k(w), (rows, k))
@@ -62,14 +64,18 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[i
         return [lambda x, g=g: g(x, t) for g in groups]
 
     def ours(name: str, weight, nbytes: int) -> dict[str, list[float]]:
-        setting = "Q4K_ROWS_PER_SIMDGROUP" if name == "q4k" else "ROWS_PER_SIMDGROUP"
-        default = getattr(matvec, setting)
+        """Our kernel for each tuning in the sweep; labelled -nrN-quM where not the default."""
+        settings = ["Q4K_ROWS_PER_SIMDGROUP", "Q4K_BLOCKS_IN_FLIGHT"] if name == "q4k" else ["ROWS_PER_SIMDGROUP"]
+        defaults = [getattr(matvec, setting) for setting in settings]
+        sweeps = [nrs or [defaults[0]], blocks or [defaults[-1]]][:len(settings)]
         out = {}
-        for nr in nrs or [default]:
-            setattr(matvec, setting, nr)
-            label = name if nr == default else f"{name}-nr{nr}"
-            out[label] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
-        setattr(matvec, setting, default)
+        for values in itertools.product(*sweeps):
+            for setting, value in zip(settings, values):
+                setattr(matvec, setting, value)
+            tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu"], values))
+            out[name if list(values) == defaults else name + tags] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
+        for setting, value in zip(settings, defaults):
+            setattr(matvec, setting, value)
         return out
 
     def mlx_q4(i: int):
@@ -100,14 +106,17 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=64, help="products per evaluation")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--rows-per-simdgroup", type=int, nargs="+", default=[],
-                   help="output rows per SIMD-group of our kernel (tuning; non-default values are labelled -nrN)")
+                   help="sweep: output rows per SIMD-group of our kernel")
+    p.add_argument("--blocks-in-flight", type=int, nargs="+", default=[],
+                   help="sweep: Q4_K super-blocks each lane loads ahead per row")
     p.add_argument("--write", action="store_true", help="add the records to bench/results/")
     args = p.parse_args()
     records = []
     for shape in args.shapes:
         rows, k = (int(v) for v in shape.split("x"))
         for t in args.rows:
-            rates = bench_shape(rows, k, t, args.calls, args.repeats, args.rows_per_simdgroup)
+            rates = bench_shape(rows, k, t, args.calls, args.repeats, args.rows_per_simdgroup,
+                                args.blocks_in_flight)
             print(f"{shape:>12} T={t} " + "  ".join(f"{name} {np.median(r):.0f}" for name, r in rates.items()) + " GB/s",
                   flush=True)
             for name, r in rates.items():

@@ -33,6 +33,7 @@ Q4K_KIND = 4
 MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
 ROWS_PER_SIMDGROUP = 2  # output rows per SIMD-group: the activations it loads serve them all
 Q4K_ROWS_PER_SIMDGROUP = 4  # the same for a group with Q4_K segments (more work per activation)
+Q4K_BLOCKS_IN_FLIGHT = 1  # Q4_K super-blocks each lane loads ahead per row (registers vs latency)
 WARPS = 8  # SIMD-groups per threadgroup
 _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 
@@ -76,7 +77,9 @@ class ProjectionGroup:
         self.y_bases = list(np.cumsum([0] + [rows for rows, _ in self.shapes[:-1]]))
         self.dtype = dtype
         has_q4k = any(isinstance(s.weight, Q4KTensor) for s in segments)
+        self.has_q4k = has_q4k
         self.rows_per_simdgroup = Q4K_ROWS_PER_SIMDGROUP if has_q4k else ROWS_PER_SIMDGROUP
+        self.blocks_in_flight = Q4K_BLOCKS_IN_FLIGHT
         self.kernel = get_kernel(MATVEC)
         if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes) \
                 and all(base % 8 == 0 for base in self.x_bases):
@@ -102,7 +105,8 @@ class ProjectionGroup:
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x],
                 template=[("TX", x.dtype), ("XFMT", _FMT[x.dtype]), ("WFMT", _FMT[self.dtype]), ("NT", nt),
-                          ("NSEG", len(self.shapes)), ("NR", self.rows_per_simdgroup), ("WARPS", WARPS)],
+                          ("NSEG", len(self.shapes)), ("NR", self.rows_per_simdgroup),
+                          ("QU", self.blocks_in_flight), ("WARPS", WARPS), ("HAS_Q4K", int(self.has_q4k))],
                 grid=(-(-self._simdgroups // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
             return y
