@@ -18,19 +18,24 @@ for step in "$@"; do
   case "$step" in
     tests) run gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5 \
              tests/test_wkv_kernel.py tests/test_matvec_kernel.py tests/test_q4k_kernel.py ;;
-    tests-matvec) run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5 \
+    tests-matvec) run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5 \
              tests/test_matvec_kernel.py tests/test_q4k_kernel.py tests/test_wkv_kernel.py -k "matvec or q4k or norm_mix" ;;
     profile) run inspect_graph 60 python3 -m bench.inspect_graph --shape 1.5B --layers 2
              run profile_prefill 120 python3 -m bench.profile_prefill --shape 1.5B ;;
     kernels) run bench_dispatch 60 python3 -m bench.bench_dispatch --write
              run bench_q4k 200 python3 -m bench.bench_q4k --shapes 2048x2048 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 --repeats 5 --write ;;
     kernels-big) run bench_q4k 60 python3 -m bench.bench_q4k --shapes 4096x4096 65536x2048 --rows 1 8 --repeats 5 --write ;;
-    kernels-nr) run bench_q4k 200 python3 -m bench.bench_q4k --shapes 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 \
-             --repeats 5 --rows-per-simdgroup 2 4 --write ;;
+    kernels-sweep) run bench_q4k 200 python3 -m bench.bench_q4k --shapes 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 \
+             --repeats 5 --rows-per-simdgroup 2 4 --blocks-in-flight 1 2 --write ;;
+    ncu-prefill-q4k) run ncu_prefill 90 bash -c "/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum python3 -m bench.kernel_times run prefill --precision q4k --layers 4 > $out/prefill_q4k.csv && python3 -m bench.kernel_times summarize $out/prefill_q4k.csv" ;;
     ncu-decode) run ncu_decode 60 bash -c "/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum python3 -m bench.kernel_times run decode > $out/decode.csv" ;;
     mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 --official --write ;;
     mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 --official --write ;;
     q4k) run bench_mlx_q4k 240 python3 -m bench.bench_mlx --shape 1.5B --precision q4k --decode-steps 64 --write ;;
+    webgpu-kernel) run bench_webgpu_kernel 120 python3 -m bench.bench_webgpu --mode kernel --shape 1.5B --precision f16 q4k \
+             --strategy one-submit --repeats 5 --write ;;
+    webgpu-q4k-decode) run bench_webgpu_q4k 150 python3 -m bench.bench_webgpu --mode decode --shape 1.5B --precision q4k \
+             --strategy one-submit --repeats 3 --write ;;
     webgpu) run bench_webgpu 300 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write ;;
     *) echo "unknown step $step" >&2 ;;
   esac
