@@ -64,18 +64,20 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[i
         return [lambda x, g=g: g(x, t) for g in groups]
 
     def ours(name: str, weight, nbytes: int) -> dict[str, list[float]]:
-        """Our kernel for each tuning in the sweep; labelled -nrN-quM where not the default."""
-        settings = ["Q4K_ROWS_PER_SIMDGROUP", "Q4K_BLOCKS_IN_FLIGHT"] if name == "q4k" else ["ROWS_PER_SIMDGROUP"]
-        defaults = [getattr(matvec, setting) for setting in settings]
-        sweeps = [nrs or [defaults[0]], blocks or [defaults[-1]]][:len(settings)]
+        """Our kernel with its defaults, or with each tuning of the sweep (labelled -nrN-quM)."""
+        if not nrs and not blocks:
+            return {name: rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)}
         out = {}
-        for values in itertools.product(*sweeps):
-            for setting, value in zip(settings, values):
+        for nr, qu in itertools.product(nrs or [None], blocks if name == "q4k" and blocks else [None]):
+            tuning = {"Q4K_ROWS_PER_SIMDGROUP": nr, "Q4K_ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu} \
+                if name == "q4k" else {"ROWS_PER_SIMDGROUP": nr}
+            defaults = {setting: getattr(matvec, setting) for setting in tuning}
+            for setting, value in tuning.items():
+                setattr(matvec, setting, defaults[setting] if value is None else value)
+            tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu"], [nr, qu]) if v is not None)
+            out[name + tags] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
+            for setting, value in defaults.items():
                 setattr(matvec, setting, value)
-            tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu"], values))
-            out[name if list(values) == defaults else name + tags] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
-        for setting, value in zip(settings, defaults):
-            setattr(matvec, setting, value)
         return out
 
     def mlx_q4(i: int):

@@ -32,7 +32,10 @@ ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 Q4K_KIND = 4
 MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
 ROWS_PER_SIMDGROUP = 2  # output rows per SIMD-group: the activations it loads serve them all
-Q4K_ROWS_PER_SIMDGROUP = 4  # the same for a group with Q4_K segments (more work per activation)
+# the same for groups with Q4_K segments, one activation row / several (each dequantized weight
+# serves every row: more rows per SIMD-group pay off there). H100 sweep: python -m bench.bench_q4k
+Q4K_ROWS_PER_SIMDGROUP = 2
+Q4K_ROWS_PER_SIMDGROUP_MULTI = 4
 Q4K_BLOCKS_IN_FLIGHT = 1  # Q4_K super-blocks each lane loads ahead per row (registers vs latency)
 WARPS = 8  # SIMD-groups per threadgroup
 _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
@@ -78,7 +81,6 @@ class ProjectionGroup:
         self.dtype = dtype
         has_q4k = any(isinstance(s.weight, Q4KTensor) for s in segments)
         self.has_q4k = has_q4k
-        self.rows_per_simdgroup = Q4K_ROWS_PER_SIMDGROUP if has_q4k else ROWS_PER_SIMDGROUP
         self.blocks_in_flight = Q4K_BLOCKS_IN_FLIGHT
         self.kernel = get_kernel(MATVEC)
         if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes) \
@@ -95,19 +97,22 @@ class ProjectionGroup:
     def rows(self) -> int:
         return sum(rows for rows, _ in self.shapes)
 
-    @property
-    def _simdgroups(self) -> int:
-        return sum(-(-rows // self.rows_per_simdgroup) for rows, _ in self.shapes)
+    def _rows_per_simdgroup(self, nt: int) -> int:
+        if not self.has_q4k:
+            return ROWS_PER_SIMDGROUP
+        return Q4K_ROWS_PER_SIMDGROUP if nt == 1 else Q4K_ROWS_PER_SIMDGROUP_MULTI
 
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
         if self.kernel is not None and nt <= MAX_ROWS:
+            nr = self._rows_per_simdgroup(nt)
+            threadgroups = -(-sum(-(-rows // nr) for rows, _ in self.shapes) // WARPS)
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x],
                 template=[("TX", x.dtype), ("XFMT", _FMT[x.dtype]), ("WFMT", _FMT[self.dtype]), ("NT", nt),
-                          ("NSEG", len(self.shapes)), ("NR", self.rows_per_simdgroup),
+                          ("NSEG", len(self.shapes)), ("NR", nr),
                           ("QU", self.blocks_in_flight), ("WARPS", WARPS), ("HAS_Q4K", int(self.has_q4k))],
-                grid=(-(-self._simdgroups // WARPS) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
+                grid=(threadgroups * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
             return y
         flat = x.reshape(-1)
