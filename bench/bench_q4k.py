@@ -69,8 +69,7 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[i
             return {name: rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)}
         out = {}
         for nr, qu in itertools.product(nrs or [None], blocks if name == "q4k" and blocks else [None]):
-            tuning = {"Q4K_ROWS_PER_SIMDGROUP": nr, "Q4K_ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu} \
-                if name == "q4k" else {"ROWS_PER_SIMDGROUP": nr}
+            tuning = {"ROWS_PER_SIMDGROUP": nr, "ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu}
             defaults = {setting: getattr(matvec, setting) for setting in tuning}
             for setting, value in tuning.items():
                 setattr(matvec, setting, defaults[setting] if value is None else value)

@@ -31,11 +31,11 @@ MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x"), outputs=("y"
 ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 Q4K_KIND = 4
 MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
-ROWS_PER_SIMDGROUP = 2  # output rows per SIMD-group: the activations it loads serve them all
-# the same for groups with Q4_K segments, one activation row / several (each dequantized weight
-# serves every row: more rows per SIMD-group pay off there). H100 sweep: python -m bench.bench_q4k
-Q4K_ROWS_PER_SIMDGROUP = 2
-Q4K_ROWS_PER_SIMDGROUP_MULTI = 4
+# output rows per SIMD-group for one activation row / several: the activations a SIMD-group
+# loads serve all its rows, and with several tokens each weight (Q4_K: dequantized once) serves
+# every token, so more rows pay off there. H100 sweep: python -m bench.bench_q4k
+ROWS_PER_SIMDGROUP = 2
+ROWS_PER_SIMDGROUP_MULTI = 4
 Q4K_BLOCKS_IN_FLIGHT = 1  # Q4_K super-blocks each lane loads ahead per row (registers vs latency)
 WARPS = 8  # SIMD-groups per threadgroup
 _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
@@ -97,15 +97,11 @@ class ProjectionGroup:
     def rows(self) -> int:
         return sum(rows for rows, _ in self.shapes)
 
-    def _rows_per_simdgroup(self, nt: int) -> int:
-        if not self.has_q4k:
-            return ROWS_PER_SIMDGROUP
-        return Q4K_ROWS_PER_SIMDGROUP if nt == 1 else Q4K_ROWS_PER_SIMDGROUP_MULTI
 
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
         if self.kernel is not None and nt <= MAX_ROWS:
-            nr = self._rows_per_simdgroup(nt)
+            nr = ROWS_PER_SIMDGROUP if nt == 1 else ROWS_PER_SIMDGROUP_MULTI
             threadgroups = -(-sum(-(-rows // nr) for rows, _ in self.shapes) // WARPS)
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x],
