@@ -1,0 +1,75 @@
+"""Registers, local memory and PTX size of the mat-vec kernel's CUDA instantiations, offline.
+
+    python -m bench.kernel_resources [--nt 1 8] [--nr 2 4] [--qu 1 2] [--dtype half]
+
+Needs only the CUDA toolkit's nvcc (no GPU): the portable body is compiled for sm_90 the way
+`mx.fast.cuda_kernel` builds it (CUDA prelude, index lines, the body inside a templated
+__global__ function) and ptxas reports registers per thread, stack frame and spills. Registers
+set occupancy (65,536 per SM: 96 registers allow 21 SIMD-groups, 160 only 12), and a stack
+frame means an array the compiler could not keep in registers (an accumulator indexed by a
+loop it did not unroll): the signs to check before spending GPU time on a tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from mlx_rwkv.kernels import render
+from mlx_rwkv.matvec import MATVEC, WARPS
+
+CUDA_TYPES = {"half": ("__half", 0), "bfloat16": ("__nv_bfloat16", 1), "float": ("float", 2)}
+
+
+def matvec_source(dtype: str, nt: int, nr: int, qu: int, has_q4k: int) -> str:
+    """One instantiation of metal_kernels/matvec.inc as a CUDA translation unit."""
+    header, body = render(MATVEC, "cuda")
+    tx, fmt = CUDA_TYPES[dtype]
+    params = "const int* seg, const uint* wd, const uint* wq, const TX* x, TX* y"
+    args = f"{tx}, {fmt}, 0, {nt}, 1, {nr}, {qu}, {WARPS}, {has_q4k}"
+    return (f"#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n{header}\n"
+            "template <typename TX, int XFMT, int WFMT, int NT, int NSEG, int NR, int QU, int WARPS, int HAS_Q4K>\n"
+            f"__global__ void matvec({params}) {{\n{body}\n}}\n"
+            f"template __global__ void matvec<{args}>({params.replace('TX', tx)});\n")
+
+
+def resources(source: str, nvcc: str) -> dict[str, int]:
+    """ptxas registers / stack / spill bytes and the PTX instruction count of `source`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = Path(tmp, "k.cu")
+        cu.write_text(source)
+        base = [nvcc, "-arch=sm_90", "-O3", str(cu)]
+        info = subprocess.run(base + ["-cubin", "-Xptxas", "-v", "-o", str(Path(tmp, "k.cubin"))],
+                              capture_output=True, text=True, check=True).stderr
+        subprocess.run(base + ["-ptx", "-o", str(Path(tmp, "k.ptx"))], check=True)
+        ptx = Path(tmp, "k.ptx").read_text()
+    number = lambda pattern: int(re.search(pattern, info).group(1))  # noqa: E731
+    return {"registers": number(r"Used (\d+) registers"), "stack": number(r"(\d+) bytes stack frame"),
+            "spill": number(r"(\d+) bytes spill stores"),
+            "ptx_instructions": len(re.findall(r"^\s+[a-z].*;$", ptx, re.M))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nt", type=int, nargs="+", default=[1, 8], help="activation rows")
+    p.add_argument("--nr", type=int, nargs="+", default=[2, 4], help="output rows per SIMD-group")
+    p.add_argument("--qu", type=int, nargs="+", default=[1, 2], help="Q4_K super-blocks in flight")
+    p.add_argument("--has-q4k", type=int, nargs="+", default=[1, 0], help="1: dense + Q4_K branches")
+    p.add_argument("--dtype", default="half", choices=sorted(CUDA_TYPES))
+    p.add_argument("--nvcc", default=shutil.which("nvcc") or "nvcc")
+    args = p.parse_args()
+    print(f"{'NT':>3} {'NR':>3} {'QU':>3} {'Q4K':>4} {'regs':>5} {'stack':>6} {'spill':>6} {'PTX':>6}")
+    for has_q4k, nt, nr, qu in itertools.product(args.has_q4k, args.nt, args.nr, args.qu):
+        if not has_q4k and qu != args.qu[0]:
+            continue  # QU only shapes the Q4_K branch
+        r = resources(matvec_source(args.dtype, nt, nr, qu, has_q4k), args.nvcc)
+        print(f"{nt:>3} {nr:>3} {qu:>3} {has_q4k:>4} {r['registers']:>5} {r['stack']:>6} {r['spill']:>6} "
+              f"{r['ptx_instructions']:>6}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
