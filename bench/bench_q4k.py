@@ -2,6 +2,7 @@
 mx.quantized_matmul on the same weights, same run.
 
     python -m bench.bench_q4k [--shapes 4096x4096 65536x2048] [--rows 1 8] [--calls 64] [--write]
+                              [--rows-per-simdgroup 2 4] [--blocks-in-flight 1 2]   (tuning sweep)
 
 For each weight shape (out x in) and activation rows T, every implementation runs `calls`
 independent products inside one evaluation (so launch overhead is amortized, as in a compiled
@@ -11,11 +12,14 @@ cannot serve them; the rate is the effective bandwidth: bytes of weights read pe
   q4-mlx     mx.quantized_matmul, MLX's affine 4-bit group-32 with fp16 scales (5 bits/weight)
   f16        our matvec kernel on float16 weights (16 bits/weight)
   f16-mlx    dense x @ W.T in float16 (MLX's matmul)
+With a sweep, ours are labelled by their tuning instead: q4k-nr2-qu1 (2 output rows per
+SIMD-group, 1 Q4_K super-block in flight per lane), f16-nr4, ...
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+from unittest import mock
 import time
 
 import mlx.core as mx
@@ -70,13 +74,10 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[i
         out = {}
         for nr, qu in itertools.product(nrs or [None], blocks if name == "q4k" and blocks else [None]):
             tuning = {"ROWS_PER_SIMDGROUP": nr, "ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu}
-            defaults = {setting: getattr(matvec, setting) for setting in tuning}
-            for setting, value in tuning.items():
-                setattr(matvec, setting, defaults[setting] if value is None else value)
-            tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu"], [nr, qu]) if v is not None)
-            out[name + tags] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
-            for setting, value in defaults.items():
-                setattr(matvec, setting, value)
+            tuning = {k: v if v is not None else getattr(matvec, k) for k, v in tuning.items()}
+            with mock.patch.multiple(matvec, **tuning):
+                tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu"], [nr, qu]) if v is not None)
+                out[name + tags] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
         return out
 
     def mlx_q4(i: int):
@@ -116,10 +117,10 @@ def main() -> None:
     for shape in args.shapes:
         rows, k = (int(v) for v in shape.split("x"))
         for t in args.rows:
-            rates = bench_shape(rows, k, t, args.calls, args.repeats, args.rows_per_simdgroup,
-                                args.blocks_in_flight)
-            print(f"{shape:>12} T={t} " + "  ".join(f"{name} {np.median(r):.0f}" for name, r in rates.items()) + " GB/s",
-                  flush=True)
+            rates = bench_shape(rows, k, t, args.calls, args.repeats,
+                                args.rows_per_simdgroup, args.blocks_in_flight)
+            summary = "  ".join(f"{name} {np.median(r):.0f}" for name, r in rates.items())
+            print(f"{shape:>12} T={t} {summary} GB/s", flush=True)
             for name, r in rates.items():
                 records.append(record("mlx", shape, name, "kernel", "whole-pass", batch=t, tokens=args.calls,
                                       rates=r, rate_key="gb_s"))

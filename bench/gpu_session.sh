@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
 # Usage on the host, after the .gpu bundle is installed:
-#   bash bench/gpu_session.sh tests profile kernels mlx q4k webgpu     (any subset, in order)
+#   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
+#     kernels-big kernels-sweep ncu-prefill-q4k ncu-decode mlx mlx-1.5b q4k webgpu-kernel
+#     webgpu-q4k-decode webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
 source /root/gpu-env.sh
@@ -14,28 +16,35 @@ run() {  # run NAME LIMIT_S CMD...: tee the filtered log to $out/NAME.log
   echo "== $name done in $((SECONDS - t0)) s" | tee -a "$out/session.log"
   cp bench/results/*.json "$out/" 2>/dev/null  # after every step: a cut-off session keeps its results
 }
+gpu_tests=(tests/test_wkv_kernel.py tests/test_matvec_kernel.py tests/test_q4k_kernel.py)
+pytest_gpu=(python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5)
+ncu=(/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum)
+kernel_shapes=(4096x4096 8192x2048 2048x8192 65536x2048)
 for step in "$@"; do
   case "$step" in
-    tests) run gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5 \
-             tests/test_wkv_kernel.py tests/test_matvec_kernel.py tests/test_q4k_kernel.py ;;
-    tests-matvec) run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5 \
-             tests/test_matvec_kernel.py tests/test_q4k_kernel.py tests/test_wkv_kernel.py -k "matvec or q4k or norm_mix" ;;
+    tests) run gpu_tests 300 "${pytest_gpu[@]}" "${gpu_tests[@]}" ;;
+    tests-matvec) run gpu_tests_matvec 150 "${pytest_gpu[@]}" "${gpu_tests[@]}" -k "matvec or q4k or norm_mix" ;;
     profile) run inspect_graph 60 python3 -m bench.inspect_graph --shape 1.5B --layers 2
              run profile_prefill 120 python3 -m bench.profile_prefill --shape 1.5B ;;
     kernels) run bench_dispatch 60 python3 -m bench.bench_dispatch --write
-             run bench_q4k 200 python3 -m bench.bench_q4k --shapes 2048x2048 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 --repeats 5 --write ;;
-    kernels-big) run bench_q4k 60 python3 -m bench.bench_q4k --shapes 4096x4096 65536x2048 --rows 1 8 --repeats 5 --write ;;
-    kernels-sweep) run bench_q4k 200 python3 -m bench.bench_q4k --shapes 4096x4096 8192x2048 2048x8192 65536x2048 --rows 1 8 \
-             --repeats 5 --rows-per-simdgroup 2 4 --blocks-in-flight 1 2 --write ;;
-    ncu-prefill-q4k) run ncu_prefill 90 bash -c "/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum python3 -m bench.kernel_times run prefill --precision q4k --layers 4 > $out/prefill_q4k.csv && python3 -m bench.kernel_times summarize $out/prefill_q4k.csv" ;;
-    ncu-decode) run ncu_decode 60 bash -c "/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum python3 -m bench.kernel_times run decode > $out/decode.csv" ;;
-    mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 --official --write ;;
-    mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 --official --write ;;
+             run bench_q4k 200 python3 -m bench.bench_q4k --shapes 2048x2048 "${kernel_shapes[@]}" \
+               --rows 1 8 --repeats 5 --write ;;
+    kernels-big) run bench_q4k 60 python3 -m bench.bench_q4k --shapes 4096x4096 65536x2048 --rows 1 8 \
+               --repeats 5 --write ;;
+    kernels-sweep) run bench_q4k_sweep 200 python3 -m bench.bench_q4k --shapes "${kernel_shapes[@]}" --rows 1 8 \
+               --repeats 5 --rows-per-simdgroup 2 4 --blocks-in-flight 1 2 --write ;;
+    ncu-prefill-q4k) run ncu_prefill 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run prefill --precision q4k \
+               --layers 4 > $out/prefill_q4k.csv && python3 -m bench.kernel_times summarize $out/prefill_q4k.csv" ;;
+    ncu-decode) run ncu_decode 60 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode > $out/decode.csv" ;;
+    mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 \
+               --official --write ;;
+    mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 \
+               --official --write ;;
     q4k) run bench_mlx_q4k 240 python3 -m bench.bench_mlx --shape 1.5B --precision q4k --decode-steps 64 --write ;;
-    webgpu-kernel) run bench_webgpu_kernel 120 python3 -m bench.bench_webgpu --mode kernel --shape 1.5B --precision f16 q4k \
-             --strategy one-submit --repeats 5 --write ;;
-    webgpu-q4k-decode) run bench_webgpu_q4k 150 python3 -m bench.bench_webgpu --mode decode --shape 1.5B --precision q4k \
-             --strategy one-submit --repeats 3 --write ;;
+    webgpu-kernel) run bench_webgpu_kernel 120 python3 -m bench.bench_webgpu --mode kernel --shape 1.5B \
+               --precision f16 q4k --strategy one-submit --repeats 5 --write ;;
+    webgpu-q4k-decode) run bench_webgpu_q4k 150 python3 -m bench.bench_webgpu --mode decode --shape 1.5B \
+               --precision q4k --strategy one-submit --repeats 3 --write ;;
     webgpu) run bench_webgpu 300 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write ;;
     *) echo "unknown step $step" >&2 ;;
   esac

@@ -18,23 +18,30 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from unittest import mock
 
+import mlx.core as mx
+
+from mlx_rwkv import matvec
 from mlx_rwkv.kernels import render
-from mlx_rwkv.matvec import MATVEC, WARPS
 
-CUDA_TYPES = {"half": ("__half", 0), "bfloat16": ("__nv_bfloat16", 1), "float": ("float", 2)}
+CUDA_TYPES = {"half": (mx.float16, "__half"), "bfloat16": (mx.bfloat16, "__nv_bfloat16"),
+              "float": (mx.float32, "float")}
 
 
 def matvec_source(dtype: str, nt: int, nr: int, qu: int, has_q4k: int) -> str:
-    """One instantiation of metal_kernels/matvec.inc as a CUDA translation unit."""
-    header, body = render(MATVEC, "cuda")
-    tx, fmt = CUDA_TYPES[dtype]
+    """One instantiation of metal_kernels/matvec.inc (one segment, dense weights and activations
+    in `dtype`) as a CUDA translation unit, with the template arguments ProjectionGroup passes."""
+    header, body = render(matvec.MATVEC, "cuda")
+    mx_dtype, cuda_type = CUDA_TYPES[dtype]
+    with mock.patch.multiple(matvec, ROWS_PER_SIMDGROUP=nr, ROWS_PER_SIMDGROUP_MULTI=nr, Q4K_BLOCKS_IN_FLIGHT=qu):
+        template = matvec.kernel_template(mx_dtype, mx_dtype, nt, 1, bool(has_q4k))
+    names = ", ".join(("typename " if value is mx_dtype else "int ") + name for name, value in template)
+    values = ", ".join(cuda_type if value is mx_dtype else str(value) for _, value in template)
     params = "const int* seg, const uint* wd, const uint* wq, const TX* x, TX* y"
-    args = f"{tx}, {fmt}, 0, {nt}, 1, {nr}, {qu}, {WARPS}, {has_q4k}"
     return (f"#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n{header}\n"
-            "template <typename TX, int XFMT, int WFMT, int NT, int NSEG, int NR, int QU, int WARPS, int HAS_Q4K>\n"
-            f"__global__ void matvec({params}) {{\n{body}\n}}\n"
-            f"template __global__ void matvec<{args}>({params.replace('TX', tx)});\n")
+            f"template <{names}>\n__global__ void matvec({params}) {{\n{body}\n}}\n"
+            f"template __global__ void matvec<{values}>({params.replace('TX', cuda_type)});\n")
 
 
 def resources(source: str, nvcc: str) -> dict[str, int]:

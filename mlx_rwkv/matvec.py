@@ -4,7 +4,8 @@ A decode step is bound by launches, not arithmetic: on MLX-CUDA every graph node
 microseconds of dispatch. So the projections that read the same kind of input run together:
 r/k/v with the four LoRA down-projections (their activations fused), the four LoRA
 up-projections, and the FFN key with its squared ReLU. `metal_kernels/matvec.inc` does up to
-MAX_ROWS activation rows (batch x tokens) with one SIMD-group per two output rows, reading dense
+MAX_ROWS activation rows (batch x tokens), each SIMD-group computing ROWS_PER_SIMDGROUP output rows
+(ROWS_PER_SIMDGROUP_MULTI for several activation rows), reading dense
 (fp16/bf16/fp32) or Q4_K weights with 16-byte loads (so every K and x_base must be a multiple
 of 8, and x must start 16-byte aligned; other groups never use the kernel). Above MAX_ROWS
 (prefill) and on CPU each segment is an ordinary matmul (`Dense` or `Q4KLinear`).
@@ -34,6 +35,8 @@ MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
 # output rows per SIMD-group for one activation row / several: the activations a SIMD-group
 # loads serve all its rows, and with several tokens each weight (Q4_K: dequantized once) serves
 # every token, so more rows pay off there. H100 sweep: python -m bench.bench_q4k
+# (Q4_K at 8 tokens and 4 rows takes 231 of the 255 registers a thread may have: check
+# `python -m bench.kernel_resources` before adding work to that branch.)
 ROWS_PER_SIMDGROUP = 2
 ROWS_PER_SIMDGROUP_MULTI = 4
 Q4K_BLOCKS_IN_FLIGHT = 1  # Q4_K super-blocks each lane loads ahead per row (registers vs latency)
@@ -79,9 +82,7 @@ class ProjectionGroup:
         self.x_bases = [s.x_base for s in segments]
         self.y_bases = list(np.cumsum([0] + [rows for rows, _ in self.shapes[:-1]]))
         self.dtype = dtype
-        has_q4k = any(isinstance(s.weight, Q4KTensor) for s in segments)
-        self.has_q4k = has_q4k
-        self.blocks_in_flight = Q4K_BLOCKS_IN_FLIGHT
+        self.has_q4k = any(isinstance(s.weight, Q4KTensor) for s in segments)
         self.kernel = get_kernel(MATVEC)
         if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes) \
                 and all(base % 8 == 0 for base in self.x_bases):
@@ -97,17 +98,14 @@ class ProjectionGroup:
     def rows(self) -> int:
         return sum(rows for rows, _ in self.shapes)
 
-
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
         if self.kernel is not None and nt <= MAX_ROWS:
-            nr = ROWS_PER_SIMDGROUP if nt == 1 else ROWS_PER_SIMDGROUP_MULTI
+            template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k)
+            nr = dict(template)["NR"]
             threadgroups = -(-sum(-(-rows // nr) for rows, _ in self.shapes) // WARPS)
             (y,) = self.kernel(
-                inputs=[self.table, self.wd, self.wq, x],
-                template=[("TX", x.dtype), ("XFMT", _FMT[x.dtype]), ("WFMT", _FMT[self.dtype]), ("NT", nt),
-                          ("NSEG", len(self.shapes)), ("NR", nr),
-                          ("QU", self.blocks_in_flight), ("WARPS", WARPS), ("HAS_Q4K", int(self.has_q4k))],
+                inputs=[self.table, self.wd, self.wq, x], template=template,
                 grid=(threadgroups * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
             return y
@@ -154,6 +152,14 @@ class ProjectionGroup:
             return Q4KLinear.from_words(self.wq[off: off + rows * k // 256 * 36], (rows, k))
         words = rows * k * (4 if self.dtype == mx.float32 else 2) // 4
         return Dense(mx.view(self.wd[off: off + words], self.dtype).reshape(rows, k))
+
+
+def kernel_template(x_dtype: mx.Dtype, w_dtype: mx.Dtype, nt: int, n_segments: int,
+                    has_q4k: bool) -> list[tuple[str, mx.Dtype | int]]:
+    """Template arguments of metal_kernels/matvec.inc (each distinct list is one build)."""
+    return [("TX", x_dtype), ("XFMT", _FMT[x_dtype]), ("WFMT", _FMT[w_dtype]), ("NT", nt),
+            ("NSEG", n_segments), ("NR", ROWS_PER_SIMDGROUP if nt == 1 else ROWS_PER_SIMDGROUP_MULTI),
+            ("QU", Q4K_BLOCKS_IN_FLIGHT), ("WARPS", WARPS), ("HAS_Q4K", int(has_q4k))]
 
 
 def _to_mx(w: np.ndarray, dtype: mx.Dtype) -> mx.array:

@@ -57,7 +57,7 @@ def test_wkv7(T, first):
 @pytest.mark.parametrize("q4k", [False, True])
 @pytest.mark.parametrize("nt", [1, 3, 8])
 def test_matvec(dtype, q4k, nt):
-    """Mixed segments: odd row counts (a SIMD-group's second row past the end), tanh/sigmoid/relu2."""
+    """Mixed segments: odd row counts (rows of a SIMD-group past the segment's end), tanh/sigmoid/relu2."""
     shapes = [(5, 512), (3, 256), (33, 512), (2, 64)]
     acts, bases = ["none", "tanh", "relu2", "sigmoid"], [0, 512, 768, 1280]
     segments, _ = _segments(shapes, acts, q4k, bases)
