@@ -54,6 +54,17 @@ fn row_bases(g: Group, row0: u32, half: u32, stride: u32) -> vec4<u32> {
     return g.w_off + rows * stride;
 }
 
+// The mat-vecs' epilogue: sums the workgroup's partial dots of rows row0 .. row0 + 3 (acc0) and
+// row0 + 4 .. row0 + 7 (acc1); invocation i < 8 stores row row0 + i. Every invocation calls it.
+fn store_rows8(g: Group, row0: u32, acc0: vec4<f32>, acc1: vec4<f32>, lane: Lane) {
+    let total0 = sum4(acc0, lane);
+    let total1 = sum4(acc1, lane);
+    if lane.index < 8u && row0 + lane.index < g.m {
+        let total = select(total1, total0, lane.index < 4u);
+        store(g, 0u, row0 + lane.index, total[lane.index % 4u]);
+    }
+}
+
 // Inputs col..col+3 (col % 4 == 0) of token t, token-shifted when the group has a mu.
 fn load_x4(g: Group, t: u32, col: u32) -> vec4<f32> {
     let i = g.in_off + t * g.k + col;

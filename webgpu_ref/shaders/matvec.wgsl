@@ -34,10 +34,5 @@ fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
         acc0 += dot8x4(r0 + o, xa, xb);
         acc1 += dot8x4(r1 + o, xa, xb);
     }
-    let total0 = sum4(acc0, lane);
-    let total1 = sum4(acc1, lane);
-    if lane.index < ROWS && row0 + lane.index < g.m {
-        let total = select(total1, total0, lane.index < 4u);
-        store(g, 0u, row0 + lane.index, total[lane.index % 4u]);
-    }
+    store_rows8(g, row0, acc0, acc1, lane);
 }
