@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from unittest import mock
 import time
+from unittest import mock
 
 import mlx.core as mx
 import numpy as np
@@ -73,8 +73,8 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[i
             return {name: rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)}
         out = {}
         for nr, qu in itertools.product(nrs or [None], blocks if name == "q4k" and blocks else [None]):
-            tuning = {"ROWS_PER_SIMDGROUP": nr, "ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu}
-            tuning = {k: v if v is not None else getattr(matvec, k) for k, v in tuning.items()}
+            tuning = {k: getattr(matvec, k) if v is None else v for k, v in
+                      {"ROWS_PER_SIMDGROUP": nr, "ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu}.items()}
             with mock.patch.multiple(matvec, **tuning):
                 tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu"], [nr, qu]) if v is not None)
                 out[name + tags] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)

@@ -82,8 +82,8 @@ def test_norm_mix_kernel_matches_ops(dtype, B, T, C, M):
     rng = np.random.default_rng(C + M + T)
     arr = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)  # noqa: E731
     x, dx, x_prev, ln, mix = arr(B, T, C), arr(B, T, C), arr(B, C), (arr(C), arr(C)), arr(M, C)
-    x_out, h, xs = (np.array(a.astype(mx.float32)) for a in norm_mix(x, dx, ln, x_prev, mix))
     f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
+    x_out, h, xs = (f32(a) for a in norm_mix(x, dx, ln, x_prev, mix))
     rounded = lambda a: f32(mx.array(a).astype(dtype))  # noqa: E731
     eps = {mx.float32: 1e-5, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}[dtype]
     np.testing.assert_array_equal(x_out, rounded(f32(x) + f32(dx)))
