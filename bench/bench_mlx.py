@@ -1,10 +1,11 @@
 """MLX engine throughput: decode and prefill tok/s against the official `rwkv` package, same run.
 
-    python -m bench.bench_mlx --shape 0.1B 1.5B --precision f16 [--official] [--write]
+    python -m bench.bench_mlx --shape 0.1B 1.5B --precision f16 q4k [--official] [--write]
 
 Synthetic weights at real shapes (mlx_rwkv.synth). Decode: batch 1, greedy sampling on the
 device, one host sync per token. Strategies: `compiled` (the engine's decode step) and
-`whole-pass` (the same step uncompiled). Prefill: T tokens in one forward call.
+`whole-pass` (the same step uncompiled). Prefill: T tokens in one forward call; for Q4_K also
+`one-stream`, the weight expansion on the main stream instead of its side stream.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from bench.graph_nodes import count_kernel_nodes
-from bench.results_io import record, write_results
+from bench.results_io import measure_bandwidth_gb_s, record, write_results
+from mlx_rwkv import q4k_linear
 from mlx_rwkv.config import ModelConfig, config_for_shape
 from mlx_rwkv.loading import build_model
 from mlx_rwkv.model import RWKV7
@@ -125,10 +127,53 @@ def bench_official(weights: dict, config: ModelConfig, shape: str, precision: st
     return out
 
 
+def bench_engine(shape: str, precision: str, args: argparse.Namespace, bandwidth: float | None) -> list[dict]:
+    """Decode (compiled and not) and prefill records of one synthetic model, plus the official
+    package's on the same weights when asked (not for Q4_K, which it cannot run)."""
+    model, config, weights = synthetic_model(shape, precision, args.layers, args.vocab)
+    bpt = weight_bytes_per_token(config, precision)
+    records = []
+    for strategy, compiled in (("compiled", True), ("whole-pass", False)):
+        mx.reset_peak_memory()
+        rates, nodes = time_decode(model, args.decode_steps, compiled, args.repeats)
+        rec = record("mlx", shape, precision, "decode", strategy, tokens=args.decode_steps, rates=rates,
+                     kernels_per_token=nodes, syncs_per_token=1.0,
+                     peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1))
+        if bandwidth:  # from the recorded median, so the two fields agree
+            rec["roofline_fraction"] = round(rec["tok_s"] * bpt / (bandwidth * 1e9), 4)
+        records.append(rec)
+        print(f"{shape} {precision} decode {strategy}: {rec['tok_s']} tok/s, {nodes} graph nodes/token", flush=True)
+    strategies = [("whole-pass", True)] + ([("one-stream", False)] if precision == "q4k" else [])
+    for strategy, side_stream in strategies:
+        q4k_linear.EXPANSION_STREAM = side_stream
+        mx.reset_peak_memory()
+        try:
+            rates = time_prefill(model, args.prefill_tokens, args.repeats)
+        finally:
+            q4k_linear.EXPANSION_STREAM = True
+        records.append(record("mlx", shape, precision, "prefill", strategy, tokens=args.prefill_tokens,
+                              rates=rates, syncs_per_token=1 / args.prefill_tokens,
+                              peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1)))
+        print(f"{shape} {precision} prefill {strategy} T={args.prefill_tokens}: {records[-1]['tok_s']} tok/s",
+              flush=True)
+    del model
+    if args.official and precision != "q4k":
+        try:
+            recs = bench_official(weights, config, shape, precision, min(args.decode_steps, 64),
+                                  args.prefill_tokens, args.repeats)
+        except Exception as e:  # noqa: BLE001 - report and keep the MLX figures
+            print(f"official rwkv failed: {type(e).__name__}: {e}", file=sys.stderr)
+            recs = []
+        for r in recs:
+            print(f"{shape} official {r['mode']}: {r['tok_s']} tok/s", flush=True)
+        records += recs
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["0.1B"])
-    ap.add_argument("--precision", default="f16", choices=PRECISIONS)
+    ap.add_argument("--precision", nargs="+", default=["f16"], choices=PRECISIONS)
     ap.add_argument("--layers", type=int, help="override the layer count (quick runs)")
     ap.add_argument("--vocab", type=int, help="override the vocabulary size (quick runs)")
     ap.add_argument("--decode-steps", type=int, default=128)
@@ -137,42 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--official", action="store_true", help="also run the official rwkv package (torch CUDA)")
     ap.add_argument("--write", action="store_true", help="merge the records into bench/results/")
     args = ap.parse_args(argv)
-    bandwidth = None
-    records = []
-    for shape in args.shape:
-        model, config, weights = synthetic_model(shape, args.precision, args.layers, args.vocab)
-        bpt = weight_bytes_per_token(config, args.precision)
-        if bandwidth is None:
-            from bench.results_io import measure_bandwidth_gb_s
-            bandwidth = measure_bandwidth_gb_s()
-        for strategy, compiled in (("compiled", True), ("whole-pass", False)):
-            mx.reset_peak_memory()
-            rates, nodes = time_decode(model, args.decode_steps, compiled, args.repeats)
-            rec = record("mlx", shape, args.precision, "decode", strategy, tokens=args.decode_steps, rates=rates,
-                         kernels_per_token=nodes, syncs_per_token=1.0,
-                         peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1))
-            if bandwidth:  # from the recorded median, so the two fields agree
-                rec["roofline_fraction"] = round(rec["tok_s"] * bpt / (bandwidth * 1e9), 4)
-            records.append(rec)
-            print(f"{shape} {args.precision} decode {strategy}: {rec['tok_s']} tok/s, {nodes} graph nodes/token",
-                  flush=True)
-        mx.reset_peak_memory()
-        rates = time_prefill(model, args.prefill_tokens, args.repeats)
-        records.append(record("mlx", shape, args.precision, "prefill", "whole-pass", tokens=args.prefill_tokens,
-                              rates=rates, syncs_per_token=1 / args.prefill_tokens,
-                              peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1)))
-        print(f"{shape} {args.precision} prefill T={args.prefill_tokens}: {records[-1]['tok_s']} tok/s", flush=True)
-        del model
-        if args.official and args.precision != "q4k":
-            try:
-                recs = bench_official(weights, config, shape, args.precision, min(args.decode_steps, 64),
-                                      args.prefill_tokens, args.repeats)
-            except Exception as e:  # noqa: BLE001 - report and keep the MLX figures
-                print(f"official rwkv failed: {type(e).__name__}: {e}", file=sys.stderr)
-                recs = []
-            for r in recs:
-                print(f"{shape} official {r['mode']}: {r['tok_s']} tok/s", flush=True)
-            records += recs
+    bandwidth = measure_bandwidth_gb_s()
+    records = [rec for shape in args.shape for precision in args.precision
+               for rec in bench_engine(shape, precision, args, bandwidth)]
     if args.write:
         print("wrote", write_results(records, "python -m bench.bench_mlx " + " ".join(argv or sys.argv[1:])))
 

@@ -2,7 +2,7 @@
 # GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
 # Usage on the host, after the .gpu bundle is installed:
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
-#     kernels-big kernels-sweep ncu-prefill-q4k ncu-decode mlx mlx-1.5b q4k webgpu-kernel
+#     kernels-big kernels-sweep ncu-prefill-q4k ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b q4k webgpu-kernel
 #     webgpu-q4k-decode webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
@@ -19,6 +19,10 @@ run() {  # run NAME LIMIT_S CMD...: tee the filtered log to $out/NAME.log
 gpu_tests=(tests/test_wkv_kernel.py tests/test_matvec_kernel.py tests/test_q4k_kernel.py)
 pytest_gpu=(python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5)
 ncu=(/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum)
+# prefill's scan and norm_mix kernels in the measured pass (2 layers: 3 norm_mix + 2 scans per pass)
+ncu_detail=(/usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy --section LaunchStats
+            --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis
+            -k "regex:wkv7_scan|norm_mix" --launch-skip 5 --launch-count 5)
 kernel_shapes=(4096x4096 8192x2048 2048x8192 65536x2048)
 for step in "$@"; do
   case "$step" in
@@ -36,11 +40,16 @@ for step in "$@"; do
     ncu-prefill-q4k) run ncu_prefill 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run prefill --precision q4k \
                --layers 4 > $out/prefill_q4k.csv && python3 -m bench.kernel_times summarize $out/prefill_q4k.csv" ;;
     ncu-decode) run ncu_decode 60 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode > $out/decode.csv" ;;
+    ncu-decode-q4k) run ncu_decode_q4k 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
+               > $out/decode_q4k.csv && python3 -m bench.kernel_times summarize $out/decode_q4k.csv" ;;
+    ncu-detail) run ncu_detail 120 bash -c "${ncu_detail[*]} python3 -m bench.kernel_times run prefill --layers 2 \
+               > $out/ncu_detail.txt; grep -E 'rwkv_|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles' \
+               $out/ncu_detail.txt | head -80" ;;
     mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 \
                --official --write ;;
     mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 \
                --official --write ;;
-    q4k) run bench_mlx_q4k 240 python3 -m bench.bench_mlx --shape 1.5B --precision q4k --decode-steps 64 --write ;;
+    q4k) run bench_mlx_q4k 300 python3 -m bench.bench_mlx --shape 1.5B --precision f16 q4k --decode-steps 64 --write ;;
     webgpu-kernel) run bench_webgpu_kernel 120 python3 -m bench.bench_webgpu --mode kernel --shape 1.5B \
                --precision f16 q4k --strategy one-submit --repeats 5 --write ;;
     webgpu-q4k-decode) run bench_webgpu_q4k 150 python3 -m bench.bench_webgpu --mode decode --shape 1.5B \
