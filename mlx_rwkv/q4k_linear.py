@@ -34,6 +34,11 @@ Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",)
 EXPANSION_STREAM = True  # expand on a side stream (False: on the caller's stream, for A/B benches)
 
 
+def _expansion_stream() -> mx.Stream | None:
+    """The side stream on a GPU; None (the caller's stream) when disabled or on the CPU emulator."""
+    return _side_stream() if EXPANSION_STREAM and mx.default_device().type == mx.gpu else None
+
+
 @functools.cache
 def _side_stream() -> mx.Stream:
     return mx.new_stream(mx.gpu)
@@ -107,7 +112,7 @@ class Q4KLinear:
             inputs=[self.wq, self.wh], template=[("TX", dtype), ("ROWS", rows), ("K", k)],
             grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
             output_shapes=[(rows, k)], output_dtypes=[dtype],
-            stream=_side_stream() if EXPANSION_STREAM else None)
+            stream=_expansion_stream())
         return w
 
     def dequantize(self) -> mx.array:
