@@ -4,8 +4,7 @@
 
 Synthetic weights at real shapes (mlx_rwkv.synth). Decode: batch 1, greedy sampling on the
 device, one host sync per token. Strategies: `compiled` (the engine's decode step) and
-`whole-pass` (the same step uncompiled). Prefill: T tokens in one forward call; for Q4_K also
-`one-stream`, the weight expansion on the main stream instead of its side stream.
+`whole-pass` (the same step uncompiled). Prefill: T tokens in one forward call.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import numpy as np
 
 from bench.graph_nodes import count_kernel_nodes
 from bench.results_io import measure_bandwidth_gb_s, record, write_results
-from mlx_rwkv import q4k_linear
 from mlx_rwkv.config import ModelConfig, config_for_shape
 from mlx_rwkv.loading import build_model
 from mlx_rwkv.model import RWKV7
@@ -143,19 +141,12 @@ def bench_engine(shape: str, precision: str, args: argparse.Namespace, bandwidth
             rec["roofline_fraction"] = round(rec["tok_s"] * bpt / (bandwidth * 1e9), 4)
         records.append(rec)
         print(f"{shape} {precision} decode {strategy}: {rec['tok_s']} tok/s, {nodes} graph nodes/token", flush=True)
-    strategies = [("whole-pass", True)] + ([("one-stream", False)] if precision == "q4k" else [])
-    for strategy, side_stream in strategies:
-        q4k_linear.EXPANSION_STREAM = side_stream
-        mx.reset_peak_memory()
-        try:
-            rates = time_prefill(model, args.prefill_tokens, args.repeats)
-        finally:
-            q4k_linear.EXPANSION_STREAM = True
-        records.append(record("mlx", shape, precision, "prefill", strategy, tokens=args.prefill_tokens,
-                              rates=rates, syncs_per_token=1 / args.prefill_tokens,
-                              peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1)))
-        print(f"{shape} {precision} prefill {strategy} T={args.prefill_tokens}: {records[-1]['tok_s']} tok/s",
-              flush=True)
+    mx.reset_peak_memory()
+    rates = time_prefill(model, args.prefill_tokens, args.repeats)
+    records.append(record("mlx", shape, precision, "prefill", "whole-pass", tokens=args.prefill_tokens,
+                          rates=rates, syncs_per_token=1 / args.prefill_tokens,
+                          peak_memory_mb=round(mx.get_peak_memory() / 2**20, 1)))
+    print(f"{shape} {precision} prefill T={args.prefill_tokens}: {records[-1]['tok_s']} tok/s", flush=True)
     del model
     if args.official and precision != "q4k":
         try:

@@ -1,11 +1,8 @@
 """A Q4_K linear layer for MLX: y = x @ W.T with W stored as llama.cpp Q4_K blocks.
 
 On a GPU backend (Metal, CUDA) the blocks stay as they are: `metal_kernels/q4k_dequant.inc`
-expands the whole matrix for each call, then MLX's matmul runs (prefill is compute-bound). The
-expansion depends on no activation, so it runs on a second GPU stream (`EXPANSION_STREAM`): it
-overlaps with the main stream's work, above all the WKV scan, which leaves most of the GPU idle.
-Decode does not come here: `matvec.ProjectionGroup` reads the blocks directly in its grouped
-mat-vec kernel.
+expands the whole matrix for each call, then MLX's matmul runs (prefill is compute-bound). Decode does not come
+here: `matvec.ProjectionGroup` reads the blocks directly in its grouped mat-vec kernel.
 
 On CPU (no custom kernels) the layer uses the fallback: every Q4_K sub-block of 32 weights is
 an affine 4-bit group w = (d*sc) * q - (dmin*m), exactly MLX's `mx.quantize(bits=4,
@@ -20,8 +17,6 @@ below the 4-bit quantization error) and the matmul runs in fp16.
 """
 from __future__ import annotations
 
-import functools
-
 import mlx.core as mx
 import numpy as np
 
@@ -31,17 +26,6 @@ from mlx_rwkv.quant import BLOCK_BYTES, QK_K, SUB, Q4KTensor, unpack_scales
 GROUP, BITS = SUB, 4
 # wq / wh: the same blocks viewed as uint32 words and as halves (d, dmin readable as float)
 Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",))
-EXPANSION_STREAM = True  # expand on a side stream (False: on the caller's stream, for A/B benches)
-
-
-def _expansion_stream() -> mx.Stream | None:
-    """The side stream on a GPU; None (the caller's stream) when disabled or on the CPU emulator."""
-    return _side_stream() if EXPANSION_STREAM and mx.default_device().type == mx.gpu else None
-
-
-@functools.cache
-def _side_stream() -> mx.Stream:
-    return mx.new_stream(mx.gpu)
 
 
 def repack_q4k(weight: Q4KTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,8 +95,7 @@ class Q4KLinear:
         (w,) = self.kernel(
             inputs=[self.wq, self.wh], template=[("TX", dtype), ("ROWS", rows), ("K", k)],
             grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
-            output_shapes=[(rows, k)], output_dtypes=[dtype],
-            stream=_expansion_stream())
+            output_shapes=[(rows, k)], output_dtypes=[dtype])
         return w
 
     def dequantize(self) -> mx.array:

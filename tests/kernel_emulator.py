@@ -161,7 +161,7 @@ class EmulatedKernel:
     def __init__(self, spec: kernels.KernelSpec):
         self.spec = spec
 
-    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, stream=None):
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
         ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
         outs = [np.full(shape, np.nan if dt in (mx.float32, mx.float16) else 0xFFC0 if dt == mx.bfloat16 else 0,
                         NP_TYPES[dt]) for shape, dt in zip(output_shapes, output_dtypes)]
