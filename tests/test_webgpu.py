@@ -115,13 +115,15 @@ def test_q4k_matches_dequantized_oracle(gpu, dtype):
 
 @pytest.mark.usefixtures("gpu")  # skips where no adapter exists
 @pytest.mark.parametrize("subgroups", [None, False], ids=["default", "shared-memory-sums"])
-def test_q4k_matvec_matches_dequantized_weights(subgroups):
-    """The Q4_K mat-vec alone, several groups in one dispatch: odd super-block counts, rows not a
-    multiple of 8, a K whose sub-block shares outnumber the workgroup (a second loop step), the
+@pytest.mark.parametrize("form", ops.Q4K_MATVECS, ids=lambda f: f.label)
+def test_q4k_matvec_matches_dequantized_weights(subgroups, form):
+    """The Q4_K mat-vec alone in each of its forms, several groups in one dispatch: odd
+    super-block counts, rows not a multiple of 8 or 16 (and fewer than either), a K whose
+    super-blocks outnumber a workgroup's step (more loop steps, the last one partial), the
     token shift and the epilogues."""
     dev = webgpu_device.get_gpu(subgroups=subgroups)
     rng = np.random.default_rng(5)
-    shapes = [(13, 768, "mix", "none"), (8, 256, None, "tanh"), (21, 2560, "mix", "add"), (5, 8448, None, "relu_sq")]
+    shapes = [(13, 768, "mix", "none"), (8, 256, None, "tanh"), (21, 2560, "mix", "add"), (5, 16640, None, "relu_sq")]
     items, xs, mus, expected, x_off, mu_off, out_off = [], [], [], [], 0, 0, 0
     for i, (rows, k, mix, act) in enumerate(shapes):
         q4k = Q4KTensor(quantize_q4k(rng.standard_normal((rows, k), dtype=np.float32)), (rows, k))
@@ -143,7 +145,7 @@ def test_q4k_matvec_matches_dequantized_weights(subgroups):
     vecs = device.create_buffer_with_data(data=np.concatenate(mus), usage=usage)
     out = device.create_buffer_with_data(data=np.ones(out_off, np.float32), usage=usage)
     step = device.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32), usage=wgpu.BufferUsage.UNIFORM)
-    op = ops.linear(dev, "q4k", "q4k", batch.groups, batch.buffer, x, vecs, out, step, False)
+    op = ops.linear(dev, "q4k", "q4k", batch.groups, batch.buffer, x, vecs, out, step, False, q4k=form)
     encoder = device.create_command_encoder()
     compute_pass = encoder.begin_compute_pass()
     ops.encode(compute_pass, [op], 1)
@@ -269,6 +271,8 @@ def test_clear_errors(gpu):
         model.forward([1], other.new_state())
     with pytest.raises(ValueError, match="3 arrays per layer"):
         model.state_from_numpy([np.zeros(config.n_embd)])
+    with pytest.raises(ValueError, match="no Q4_K mat-vec form"):
+        ops.Q4KMatvec("bits", cols=48)
 
 
 def test_no_adapter_is_a_clear_error(monkeypatch):

@@ -15,7 +15,7 @@ from .device import GPU, WebGPUError
 from .kernels import Kernel, pipeline
 
 MAX_GROUPS = 8  # groups per linear op (LinearParams.groups in linear.wgsl)
-MATVEC_ROWS = 8  # rows per workgroup of the mat-vec kernels (ROWS in matvec*.wgsl)
+MATVEC_ROWS = 8  # rows per workgroup of the f16/f32 mat-vec (ROWS in matvec.wgsl)
 TILE = 64  # rows and tokens per workgroup of the tiled matmul
 GRID_X = 65535  # WebGPU's default max workgroups per dimension; more spill into y
 ACTS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu_sq": 3, "add": 4}  # ACT_* in prelude.wgsl
@@ -78,14 +78,46 @@ class Group:
         return [*w[:4], NO_MIX if self.mu_off is None else self.mu_off, *w[5:7], ACTS[self.act]]
 
 
+@dataclass(frozen=True)
+class Q4KMatvec:
+    """A form of the Q4_K mat-vec (the constants DECODE, SHARES and ROWS of matvec_q4k.wgsl).
+
+    The defaults are the form expected fastest on NVIDIA (fewest integer ops and scale
+    conversions per weight, most bytes per load step) until the H100 sweep of all of them
+    (bench_webgpu --mode kernel --q4k-variants all) says otherwise; ("bits", 32, 8) is the
+    first form."""
+
+    decode: str = "f16pairs"  # nibbles to floats: "bits" one at a time as f32, "f16pairs" two at a time as f16
+    cols: int = 64  # columns of each super-block an invocation takes: 32 (8 share a block) or 64 (4 do)
+    rows: int = 8  # rows per workgroup: 8 or 16
+
+    DECODES = ("bits", "f16pairs")  # DECODE_BITS, DECODE_F16_PAIRS
+
+    def __post_init__(self) -> None:
+        if self.decode not in self.DECODES or self.cols not in (32, 64) or self.rows not in (8, 16):
+            raise ValueError(f"no Q4_K mat-vec form {self}")
+
+    @property
+    def label(self) -> str:
+        """e.g. "q4k-f16pairs-c64-r8": the precision of its benchmark records."""
+        return f"q4k-{self.decode}-c{self.cols}-r{self.rows}"
+
+    def consts(self) -> tuple[tuple[str, int], ...]:
+        return ("ROWS", self.rows), ("SHARES", self.cols // 32), ("DECODE", self.DECODES.index(self.decode))
+
+
+Q4K_MATVECS = tuple(Q4KMatvec(d, c, r) for d in Q4KMatvec.DECODES for c in (32, 64) for r in (8, 16))
+
+
 def _pow2_between(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, n - 1).bit_length()))
 
 
 def linear(gpu: GPU, name: str, fmt: str, groups: Sequence[Group], weights: wgpu.GPUBuffer, src: wgpu.GPUBuffer,
-           vecs: wgpu.GPUBuffer, dst: wgpu.GPUBuffer, step: wgpu.GPUBuffer, many_tokens: bool) -> Op:
-    """Up to MAX_GROUPS matrices of one format in one dispatch: a mat-vec for one token, a tiled
-    matmul for a chunk (many_tokens)."""
+           vecs: wgpu.GPUBuffer, dst: wgpu.GPUBuffer, step: wgpu.GPUBuffer, many_tokens: bool,
+           q4k: Q4KMatvec = Q4KMatvec()) -> Op:
+    """Up to MAX_GROUPS matrices of one format in one dispatch: a mat-vec for one token (Q4_K in
+    the form `q4k`), a tiled matmul for a chunk (many_tokens)."""
     if not 0 < len(groups) <= MAX_GROUPS:
         raise ValueError(f"{name}: a linear op takes 1 to {MAX_GROUPS} groups, got {len(groups)}")
     for g in groups:
@@ -98,11 +130,14 @@ def linear(gpu: GPU, name: str, fmt: str, groups: Sequence[Group], weights: wgpu
         kernel = Kernel(("linear.wgsl", "matmul.wgsl"), "main", LINEAR_BINDINGS, (("WG", 256),), fmt)
         grid = lambda t: flat_grid(sum(-(-g.m // TILE) for g in groups) * -(-t // TILE))  # noqa: E731
     else:
-        per_invocation = 32 if fmt == "q4k" else 8  # columns one invocation takes per step
+        per_invocation = q4k.cols if fmt == "q4k" else 8  # columns one invocation takes per step
         wg = _pow2_between(max(g.k for g in groups) // per_invocation, 32, 256)
-        body = "matvec_q4k.wgsl" if fmt == "q4k" else "matvec.wgsl"
-        kernel = Kernel(("linear.wgsl", body), "main", LINEAR_BINDINGS, (("WG", wg),), fmt)
-        blocks = sum(-(-g.m // MATVEC_ROWS) for g in groups)
+        if fmt == "q4k":
+            body, consts, rows = "matvec_q4k.wgsl", (("WG", wg), *q4k.consts()), q4k.rows
+        else:
+            body, consts, rows = "matvec.wgsl", (("WG", wg),), MATVEC_ROWS
+        kernel = Kernel(("linear.wgsl", body), "main", LINEAR_BINDINGS, consts, fmt)
+        blocks = sum(-(-g.m // rows) for g in groups)
         grid = lambda t: flat_grid(blocks)  # noqa: E731
     return make_op(gpu, kernel, name, params, buffers, grid)
 

@@ -47,10 +47,10 @@ fn locate(b: u32, rows_per_block: u32, t_blocks: u32) -> vec2<u32> {
     return vec2<u32>(p.n_groups, 0u);
 }
 
-// First W4 of rows row0 + 4 * half + (0, 1, 2, 3) with `stride` W4 per row (the mat-vecs' 8 rows);
-// rows past M repeat the last one (their sums are not stored).
-fn row_bases(g: Group, row0: u32, half: u32, stride: u32) -> vec4<u32> {
-    let rows = min(vec4<u32>(row0 + 4u * half) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(g.m - 1u));
+// First W4 of rows row0 + 4 * quad + (0, 1, 2, 3) with `stride` W4 per row (the mat-vecs' rows
+// in fours); rows past M repeat the last one (their sums are not stored).
+fn row_bases(g: Group, row0: u32, quad: u32, stride: u32) -> vec4<u32> {
+    let rows = min(vec4<u32>(row0 + 4u * quad) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(g.m - 1u));
     return g.w_off + rows * stride;
 }
 

@@ -29,10 +29,14 @@ fn scale_shifts(c: u32) -> ScaleShifts {
 }
 
 // (sc_2c, sc_2c+1, m_2c, m_2c+1) of the super-block with header `head`, for sh = scale_shifts(c).
-fn scales_mins(head: W4, sh: ScaleShifts) -> vec4<f32> {
+fn scale_bits(head: W4, sh: ScaleShifts) -> vec4<u32> {
     let a = (vec4<u32>(head.yy, head.zz) >> sh.a) & vec4<u32>(sh.mask_a);
     let b = (vec4<u32>(head.w) >> sh.b) & vec4<u32>(sh.mask_b);
-    return vec4<f32>(a | b);
+    return a | b;
+}
+
+fn scales_mins(head: W4, sh: ScaleShifts) -> vec4<f32> {
+    return vec4<f32>(scale_bits(head, sh));
 }
 
 // Shifts that take the nibble of byte e (low: bits 8e..8e+3, high: 8e+4..8e+7) to bits 19..22.
