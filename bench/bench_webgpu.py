@@ -9,7 +9,11 @@ Synthetic weights at real shapes (mlx_rwkv.synth, f16; Q4_K through mlx_rwkv.qua
   kernel   one mat-vec (M x K, f16 or Q4_K) dispatched many times in one compute pass, cycling
            through distinct copies of the matrix (>= 256 MiB in all, so the weights come from
            HBM, not from the 50 MB L2 of an H100); gb_s = weight bytes / (wall time of the
-           submit / dispatches), dispatch cost included
+           submit / dispatches), dispatch cost included. `--q4k-variants all` (or some labels)
+           times each form of the Q4_K mat-vec (webgpu_ref.ops.Q4KMatvec) on the same copies,
+           each recorded under its label as precision, e.g. q4k-f16pairs-c64-r8:
+               python -m bench.bench_webgpu --mode kernel --kernel-shapes 4096x4096 65536x2048 \
+                   --precision f16 q4k --q4k-variants all --strategy one-submit
 Strategies: `webgpu-one-submit` (the engine) and `webgpu-per-op` (submit and wait after every op).
 Records go to bench/results/<device>-<date>.json with --write (bench/results_io.py).
 """
@@ -30,7 +34,7 @@ from mlx_rwkv.synth import synthesize
 from webgpu_ref import WebGPUModel, get_gpu
 from webgpu_ref import ops
 from webgpu_ref.device import GPU
-from webgpu_ref.weights import Linear, to_matrix, upload
+from webgpu_ref.weights import Batch, Linear, to_matrix, upload
 
 STRATEGIES = {"one-submit": "webgpu-one-submit", "per-op": "webgpu-per-op"}
 KERNEL_BYTES = 2e9  # weight bytes streamed per kernel measurement (sets the dispatch count)
@@ -69,23 +73,26 @@ def time_prefill(model: WebGPUModel, tokens: int, repeats: int) -> list[float]:
     return rates
 
 
-def kernel_ops(gpu: GPU, rows: int, k: int, precision: str) -> tuple[list[list[ops.Op]], int]:
-    """The mat-vec op(s) of one random [rows, K] matrix (several if it exceeds a binding), for each
-    of enough copies of it in distinct buffers to span L2_DEFEAT_BYTES, and the bytes of one copy."""
+def kernel_copies(gpu: GPU, rows: int, k: int, precision: str) -> tuple[list[list[Batch]], int]:
+    """Enough copies of one random [rows, K] matrix in distinct buffers to span L2_DEFEAT_BYTES
+    (each in several batches if it exceeds a binding), and the bytes of one copy."""
     w = (np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) * 0.02).astype(np.float16)
     weight = Q4KTensor(quantize_q4k(w), (rows, k)) if precision == "q4k" else w
     matrix = to_matrix(weight, "f16")
+    copies = [upload(gpu, [Linear(f"w{c}", matrix, 0, None, 0)], gpu.max_binding)
+              for c in range(-(-L2_DEFEAT_BYTES // matrix.data.nbytes))]
+    return copies, matrix.data.nbytes
+
+
+def kernel_ops(gpu: GPU, copies: list[list[Batch]], rows: int, k: int, q4k: ops.Q4KMatvec) -> list[list[ops.Op]]:
+    """The mat-vec op(s) of each copy (Q4_K ones in the form `q4k`), reading x = 1."""
     device, usage = gpu.device, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
     x = device.create_buffer_with_data(data=np.ones(k, np.float32), usage=usage)
     vecs = device.create_buffer(size=64, usage=usage)
     out = device.create_buffer(size=4 * rows, usage=usage)
     step = device.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32), usage=wgpu.BufferUsage.UNIFORM)
-    copies = []
-    for c in range(-(-L2_DEFEAT_BYTES // matrix.data.nbytes)):
-        batches = upload(gpu, [Linear(f"w{c}", matrix, 0, None, 0)], gpu.max_binding)
-        copies.append([ops.linear(gpu, f"w{c}.{i}", b.fmt, b.groups, b.buffer, x, vecs, out, step, False)
-                       for i, b in enumerate(batches)])
-    return copies, matrix.data.nbytes
+    return [[ops.linear(gpu, f"w{c}.{i}", b.fmt, b.groups, b.buffer, x, vecs, out, step, False, q4k=q4k)
+             for i, b in enumerate(batches)] for c, batches in enumerate(copies)]
 
 
 def time_kernel(gpu: GPU, copies: list[list[ops.Op]], nbytes: int, per_op: bool, repeats: int) -> list[float]:
@@ -139,6 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--embd", type=int, help="override C (quick runs)")
     ap.add_argument("--vocab", type=int, help="override the vocabulary size (quick runs)")
     ap.add_argument("--kernel-shapes", nargs="+", help="MxK mat-vecs (default 4096x4096 and each shape's head)")
+    variants = {form.label: form for form in ops.Q4K_MATVECS}
+    ap.add_argument("--q4k-variants", nargs="+", choices=["all", *variants], metavar="LABEL",
+                    help=f"kernel mode: time these Q4_K mat-vec forms, or all ({', '.join(variants)}); "
+                         "default: the engine's form, recorded as q4k")
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--per-op-steps", type=int, default=16, help="decode steps with a sync per op")
     ap.add_argument("--prefill-tokens", type=int, default=1024)
@@ -146,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="merge the records into bench/results/")
     args = ap.parse_args(argv)
+    chosen = args.q4k_variants or []
+    q4k_forms = list(variants.values()) if "all" in chosen else [variants[label] for label in chosen]
 
     gpu = get_gpu()
     print(f"adapter: {gpu.name}  shader-f16={gpu.f16} subgroups={gpu.subgroups} "
@@ -165,13 +178,21 @@ def main(argv: list[str] | None = None) -> None:
                     if precision == "q4k" and k % 256:
                         print(f"kernel  {rows}x{k}: no Q4_K (K must be a multiple of 256)")
                         continue
-                    copies, nbytes = kernel_ops(gpu, rows, k, precision)
-                    for strategy in args.strategy:
-                        rates = time_kernel(gpu, copies, nbytes, strategy == "per-op", args.repeats)
-                        records.append(record("webgpu", f"{rows}x{k}", precision, "kernel", STRATEGIES[strategy],
-                                              tokens=1, rates=rates, rate_key="gb_s", kernels_per_token=len(copies[0]),
-                                              roofline_fraction=roofline(statistics.median(rates))))
-                        print(f"kernel  {rows}x{k:<6} {precision:4} {strategy:10} {statistics.median(rates):9.1f} GB/s")
+                    copies, nbytes = kernel_copies(gpu, rows, k, precision)
+                    sweep = precision == "q4k" and bool(q4k_forms)
+                    for form in q4k_forms if sweep else [ops.Q4KMatvec()]:
+                        name = form.label if sweep else precision
+                        matvecs = kernel_ops(gpu, copies, rows, k, form)
+                        for strategy in args.strategy:
+                            rates = time_kernel(gpu, matvecs, nbytes, strategy == "per-op", args.repeats)
+                            records.append(record("webgpu", f"{rows}x{k}", name, "kernel", STRATEGIES[strategy],
+                                                  tokens=1, rates=rates, rate_key="gb_s",
+                                                  kernels_per_token=len(matvecs[0]),
+                                                  roofline_fraction=roofline(statistics.median(rates))))
+                            print(f"kernel  {rows}x{k:<6} {name:20} {strategy:10} "
+                                  f"{statistics.median(rates):9.1f} GB/s")
+                if args.write:  # after each shape: a run cut off by its time limit keeps what it measured
+                    write_results(records)
         if not {"decode", "prefill"} & set(args.mode):
             continue
         weights = synthesize(config, seed=0, dtype=np.float16)

@@ -3,7 +3,7 @@
 # Usage on the host, after the .gpu bundle is installed:
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
 #     kernels-big kernels-sweep ncu-prefill-q4k ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b q4k webgpu-kernel
-#     webgpu-q4k-decode webgpu)
+#     webgpu-kernel-sweep webgpu-q4k-decode webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
 source /root/gpu-env.sh
@@ -52,6 +52,9 @@ for step in "$@"; do
     q4k) run bench_mlx_q4k 300 python3 -m bench.bench_mlx --shape 1.5B --precision f16 q4k --decode-steps 64 --write ;;
     webgpu-kernel) run bench_webgpu_kernel 120 python3 -m bench.bench_webgpu --mode kernel --shape 1.5B \
                --precision f16 q4k --strategy one-submit --repeats 5 --write ;;
+    webgpu-kernel-sweep) run bench_webgpu_kernel_sweep 200 python3 -m bench.bench_webgpu --mode kernel \
+               --kernel-shapes 65536x2048 4096x4096 8192x2048 2048x8192 --precision f16 q4k --q4k-variants all \
+               --strategy one-submit --repeats 5 --write ;;  # records written after each shape, the head shape first
     webgpu-q4k-decode) run bench_webgpu_q4k 150 python3 -m bench.bench_webgpu --mode decode --shape 1.5B \
                --precision q4k --strategy one-submit --repeats 3 --write ;;
     webgpu) run bench_webgpu 300 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write ;;
