@@ -22,7 +22,7 @@ ncu=(/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum)
 # prefill's scan and norm_mix kernels in the measured pass (2 layers: 3 norm_mix + 2 scans per pass)
 ncu_detail=(/usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy --section LaunchStats
             --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis
-            -k "regex:wkv7_scan|norm_mix" --launch-skip 5 --launch-count 5)
+            -k "'regex:wkv7_scan|norm_mix'" --launch-skip 5 --launch-count 5)
 kernel_shapes=(4096x4096 8192x2048 2048x8192 65536x2048)
 for step in "$@"; do
   case "$step" in
