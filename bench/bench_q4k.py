@@ -2,8 +2,7 @@
 mx.quantized_matmul on the same weights, same run.
 
     python -m bench.bench_q4k [--shapes 4096x4096 65536x2048] [--rows 1 8] [--calls 64] [--write]
-                              [--rows-per-simdgroup 2 4] [--blocks-in-flight 1 2]
-                              [--target-simdgroups 0 8192]   (tuning sweep)
+                              [--rows-per-simdgroup 2 4] [--blocks-in-flight 1 2]   (tuning sweep)
 
 For each weight shape (out x in) and activation rows T, every implementation runs `calls`
 independent products inside one evaluation (so launch overhead is amortized, as in a compiled
@@ -13,9 +12,8 @@ cannot serve them; the rate is the effective bandwidth: bytes of weights read pe
   q4-mlx     mx.quantized_matmul, MLX's affine 4-bit group-32 with fp16 scales (5 bits/weight)
   f16        our matvec kernel on float16 weights (16 bits/weight)
   f16-mlx    dense x @ W.T in float16 (MLX's matmul)
-With a sweep, ours are labelled by their tuning instead: q4k-nr2-qu1-sg8192 (2 output rows per
-SIMD-group, 1 Q4_K super-block in flight per lane, K split until the launch has 8192
-SIMD-groups; sg0: no split), f16-nr4, ...
+With a sweep, ours are labelled by their tuning instead: q4k-nr2-qu1 (2 output rows per
+SIMD-group, 1 Q4_K super-block in flight per lane), f16-nr4, ...
 """
 from __future__ import annotations
 
@@ -55,9 +53,8 @@ def rates_gb_s(fns: list, xs: list[mx.array], nbytes: int, repeats: int) -> list
 
 
 def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[int],
-                blocks: list[int], targets: list[int]) -> dict[str, list[float]]:
-    """Rates of every implementation; ours once per tuning (rows per SIMD-group, Q4_K blocks in
-    flight, SIMD-groups a launch splits K for)."""
+                blocks: list[int]) -> dict[str, list[float]]:
+    """Rates of every implementation; ours once per tuning (rows per SIMD-group, Q4_K blocks in flight)."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((rows, k)) * 0.02).astype(np.float32)
     qt = Q4KTensor(quantize_q4k(w), (rows, k))
@@ -71,17 +68,15 @@ def bench_shape(rows: int, k: int, t: int, calls: int, repeats: int, nrs: list[i
         return [lambda x, g=g: g(x, t) for g in groups]
 
     def ours(name: str, weight, nbytes: int) -> dict[str, list[float]]:
-        """Our kernel with its defaults, or with each tuning of the sweep (labelled -nrN-quM-sgS)."""
-        if not nrs and not blocks and not targets:
+        """Our kernel with its defaults, or with each tuning of the sweep (labelled -nrN-quM)."""
+        if not nrs and not blocks:
             return {name: rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)}
         out = {}
-        for nr, qu, sg in itertools.product(nrs or [None], blocks if name == "q4k" and blocks else [None],
-                                            targets or [None]):
+        for nr, qu in itertools.product(nrs or [None], blocks if name == "q4k" and blocks else [None]):
             tuning = {k: getattr(matvec, k) if v is None else v for k, v in
-                      {"ROWS_PER_SIMDGROUP": nr, "ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu,
-                       "TARGET_SIMDGROUPS": sg}.items()}
+                      {"ROWS_PER_SIMDGROUP": nr, "ROWS_PER_SIMDGROUP_MULTI": nr, "Q4K_BLOCKS_IN_FLIGHT": qu}.items()}
             with mock.patch.multiple(matvec, **tuning):
-                tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu", "sg"], [nr, qu, sg]) if v is not None)
+                tags = "".join(f"-{tag}{v}" for tag, v in zip(["nr", "qu"], [nr, qu]) if v is not None)
                 out[name + tags] = rates_gb_s(group(weight, nbytes), xs, nbytes, repeats)
         return out
 
@@ -116,8 +111,6 @@ def main() -> None:
                    help="sweep: output rows per SIMD-group of our kernel")
     p.add_argument("--blocks-in-flight", type=int, nargs="+", default=[],
                    help="sweep: Q4_K super-blocks each lane loads ahead per row")
-    p.add_argument("--target-simdgroups", type=int, nargs="+", default=[],
-                   help="sweep: SIMD-groups a launch splits K for (0: no split)")
     p.add_argument("--write", action="store_true", help="add the records to bench/results/")
     args = p.parse_args()
     records = []
@@ -125,7 +118,7 @@ def main() -> None:
         rows, k = (int(v) for v in shape.split("x"))
         for t in args.rows:
             rates = bench_shape(rows, k, t, args.calls, args.repeats,
-                                args.rows_per_simdgroup, args.blocks_in_flight, args.target_simdgroups)
+                                args.rows_per_simdgroup, args.blocks_in_flight)
             summary = "  ".join(f"{name} {np.median(r):.0f}" for name, r in rates.items())
             print(f"{shape:>12} T={t} {summary} GB/s", flush=True)
             for name, r in rates.items():

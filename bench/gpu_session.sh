@@ -2,7 +2,7 @@
 # GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
 # Usage on the host, after the .gpu bundle is installed:
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
-#     kernels-big kernels-sweep kernels-split ncu-prefill-q4k ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b q4k webgpu-kernel
+#     kernels-big kernels-sweep ncu-prefill-q4k ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b q4k webgpu-kernel
 #     webgpu-kernel-sweep webgpu-q4k-decode webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
@@ -37,8 +37,6 @@ for step in "$@"; do
                --repeats 5 --write ;;
     kernels-sweep) run bench_q4k_sweep 200 python3 -m bench.bench_q4k --shapes "${kernel_shapes[@]}" --rows 1 8 \
                --repeats 5 --rows-per-simdgroup 2 4 --blocks-in-flight 1 2 --write ;;
-    kernels-split) run bench_q4k_split 300 python3 -m bench.bench_q4k --shapes 8x2048 "${kernel_shapes[@]}" \
-               --rows 1 8 --repeats 5 --rows-per-simdgroup 2 4 --target-simdgroups 0 8192 --write ;;
     ncu-prefill-q4k) run ncu_prefill 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run prefill --precision q4k \
                --layers 4 > $out/prefill_q4k.csv && python3 -m bench.kernel_times summarize $out/prefill_q4k.csv" ;;
     ncu-decode) run ncu_decode 60 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode > $out/decode.csv" ;;

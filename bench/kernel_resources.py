@@ -1,6 +1,6 @@
 """Registers, local memory and PTX size of the mat-vec kernel's CUDA instantiations, offline.
 
-    python -m bench.kernel_resources [--nt 1 8] [--nr 2 4] [--qu 1 2] [--dtype half] [--shape 2048x2048]
+    python -m bench.kernel_resources [--nt 1 8] [--nr 2 4] [--qu 1 2] [--dtype half]
 
 Needs only the CUDA toolkit's nvcc (no GPU): the portable body is compiled for sm_90 the way
 `mx.fast.cuda_kernel` builds it (CUDA prelude, index lines, the body inside a templated
@@ -29,14 +29,13 @@ CUDA_TYPES = {"half": (mx.float16, "__half"), "bfloat16": (mx.bfloat16, "__nv_bf
               "float": (mx.float32, "float")}
 
 
-def matvec_source(dtype: str, nt: int, nr: int, qu: int, has_q4k: int, shape: tuple[int, int]) -> str:
-    """One instantiation of metal_kernels/matvec.inc (one segment of `shape`, dense weights and
-    activations in `dtype`) as a CUDA translation unit, with the template arguments
-    ProjectionGroup passes (the shape sets the K split)."""
+def matvec_source(dtype: str, nt: int, nr: int, qu: int, has_q4k: int) -> str:
+    """One instantiation of metal_kernels/matvec.inc (one segment, dense weights and activations
+    in `dtype`) as a CUDA translation unit, with the template arguments ProjectionGroup passes."""
     header, body = render(matvec.MATVEC, "cuda")
     mx_dtype, cuda_type = CUDA_TYPES[dtype]
     with mock.patch.multiple(matvec, ROWS_PER_SIMDGROUP=nr, ROWS_PER_SIMDGROUP_MULTI=nr, Q4K_BLOCKS_IN_FLIGHT=qu):
-        template = matvec.kernel_template(mx_dtype, mx_dtype, nt, [shape], bool(has_q4k))
+        template = matvec.kernel_template(mx_dtype, mx_dtype, nt, 1, bool(has_q4k))
     names = ", ".join(("typename " if value is mx_dtype else "int ") + name for name, value in template)
     values = ", ".join(cuda_type if value is mx_dtype else str(value) for _, value in template)
     params = "const int* seg, const uint* wd, const uint* wq, const TX* x, TX* y"
@@ -68,15 +67,13 @@ def main() -> None:
     p.add_argument("--qu", type=int, nargs="+", default=[1, 2], help="Q4_K super-blocks in flight")
     p.add_argument("--has-q4k", type=int, nargs="+", default=[1, 0], help="1: dense + Q4_K branches")
     p.add_argument("--dtype", default="half", choices=sorted(CUDA_TYPES))
-    p.add_argument("--shape", default="2048x2048", help="OUTxIN of the one segment (sets KSPLIT)")
     p.add_argument("--nvcc", default=shutil.which("nvcc") or "nvcc")
     args = p.parse_args()
     print(f"{'NT':>3} {'NR':>3} {'QU':>3} {'Q4K':>4} {'regs':>5} {'stack':>6} {'spill':>6} {'PTX':>6}")
     for has_q4k, nt, nr, qu in itertools.product(args.has_q4k, args.nt, args.nr, args.qu):
         if not has_q4k and qu != args.qu[0]:
             continue  # QU only shapes the Q4_K branch
-        shape = tuple(int(v) for v in args.shape.split("x"))
-        r = resources(matvec_source(args.dtype, nt, nr, qu, has_q4k, shape), args.nvcc)
+        r = resources(matvec_source(args.dtype, nt, nr, qu, has_q4k), args.nvcc)
         print(f"{nt:>3} {nr:>3} {qu:>3} {has_q4k:>4} {r['registers']:>5} {r['stack']:>6} {r['spill']:>6} "
               f"{r['ptx_instructions']:>6}", flush=True)
 

@@ -41,10 +41,6 @@ ROWS_PER_SIMDGROUP = 2
 ROWS_PER_SIMDGROUP_MULTI = 4
 Q4K_BLOCKS_IN_FLIGHT = 1  # Q4_K super-blocks each lane loads ahead per row (registers vs latency)
 WARPS = 8  # SIMD-groups per threadgroup
-# Few rows: split K over up to WARPS SIMD-groups per row group until the launch has this many
-# SIMD-groups (an H100 holds 64 per SM, 132 SMs), keeping at least one pass of K for each.
-TARGET_SIMDGROUPS = 8192
-K_PER_PASS = {False: 32 * 8 * 2, True: 4 * 256}  # weights one SIMD-group pass covers: dense, Q4_K
 _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
 
 
@@ -105,9 +101,9 @@ class ProjectionGroup:
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
         if self.kernel is not None and nt <= MAX_ROWS:
-            template = kernel_template(x.dtype, self.dtype, nt, self.shapes, self.has_q4k)
-            nr, ksplit = dict(template)["NR"], dict(template)["KSPLIT"]
-            threadgroups = -(-sum(-(-rows // nr) for rows, _ in self.shapes) * ksplit // WARPS)
+            template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k)
+            nr = dict(template)["NR"]
+            threadgroups = -(-sum(-(-rows // nr) for rows, _ in self.shapes) // WARPS)
             (y,) = self.kernel(
                 inputs=[self.table, self.wd, self.wq, x], template=template,
                 grid=(threadgroups * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
@@ -158,24 +154,12 @@ class ProjectionGroup:
         return Dense(mx.view(self.wd[off: off + words], self.dtype).reshape(rows, k))
 
 
-def kernel_template(x_dtype: mx.Dtype, w_dtype: mx.Dtype, nt: int, shapes: list[tuple[int, int]],
+def kernel_template(x_dtype: mx.Dtype, w_dtype: mx.Dtype, nt: int, n_segments: int,
                     has_q4k: bool) -> list[tuple[str, mx.Dtype | int]]:
     """Template arguments of metal_kernels/matvec.inc (each distinct list is one build)."""
-    nr = ROWS_PER_SIMDGROUP if nt == 1 else ROWS_PER_SIMDGROUP_MULTI
     return [("TX", x_dtype), ("XFMT", _FMT[x_dtype]), ("WFMT", _FMT[w_dtype]), ("NT", nt),
-            ("NSEG", len(shapes)), ("NR", nr), ("QU", Q4K_BLOCKS_IN_FLIGHT), ("WARPS", WARPS),
-            ("KSPLIT", k_split(shapes, nr, has_q4k)), ("HAS_Q4K", int(has_q4k))]
-
-
-def k_split(shapes: list[tuple[int, int]], nr: int, has_q4k: bool) -> int:
-    """SIMD-groups per row group: doubled while the launch is short of TARGET_SIMDGROUPS and the
-    longest row still gives each of them a pass."""
-    groups = sum(-(-rows // nr) for rows, _ in shapes)
-    passes = max(k for _, k in shapes) // K_PER_PASS[has_q4k]
-    split = 1
-    while split < WARPS and groups * split < TARGET_SIMDGROUPS and passes >= 2 * split:
-        split *= 2
-    return split
+            ("NSEG", n_segments), ("NR", ROWS_PER_SIMDGROUP if nt == 1 else ROWS_PER_SIMDGROUP_MULTI),
+            ("QU", Q4K_BLOCKS_IN_FLIGHT), ("WARPS", WARPS), ("HAS_Q4K", int(has_q4k))]
 
 
 def _to_mx(w: np.ndarray, dtype: mx.Dtype) -> mx.array:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated_kernels
-from mlx_rwkv import matvec
 from mlx_rwkv.matvec import ProjectionGroup
 from mlx_rwkv.norm_mix import norm_mix
 from mlx_rwkv.wkv import wkv7
@@ -69,21 +68,6 @@ def test_matvec(dtype, q4k, nt):
         assert group.kernel is not None
         got = group(x, nt)
     close(got, want, 1e-4 if q4k and dtype == mx.float32 else TOL[dtype])
-
-
-@pytest.mark.parametrize("q4k", [False, True])
-@pytest.mark.parametrize("nt", [1, 8])
-def test_matvec_split_k(q4k, nt):
-    """Few rows and a long K: several SIMD-groups per row group, their sums met in shared memory."""
-    shapes = [(3, 4096), (17, 1024)]
-    segments, _ = _segments(shapes, ["none", "tanh"], q4k, [0, 4096])
-    nr = matvec.ROWS_PER_SIMDGROUP if nt == 1 else matvec.ROWS_PER_SIMDGROUP_MULTI
-    assert matvec.k_split(shapes, nr, q4k) == (4 if q4k else 8)
-    x = arr(nt * 5120, dtype=mx.float16)
-    want = ProjectionGroup(segments, mx.float16)(x, nt)
-    with emulated_kernels():
-        got = ProjectionGroup(segments, mx.float16)(x, nt)
-    close(got, want, TOL[mx.float16])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

@@ -82,13 +82,13 @@ class Group:
 class Q4KMatvec:
     """A form of the Q4_K mat-vec (the constants DECODE, SHARES and ROWS of matvec_q4k.wgsl).
 
-    The defaults are the form expected fastest on NVIDIA (fewest integer ops and scale
-    conversions per weight, most bytes per load step) until the H100 sweep of all of them
-    (bench_webgpu --mode kernel --q4k-variants all) says otherwise; ("bits", 32, 8) is the
-    first form."""
+    The default is the fastest form on the decode-sized matrices of the H100 sweep
+    (bench_webgpu --mode kernel --q4k-variants all, 2026-11-25: 836 GB/s at 4096x4096 and 829
+    at 8192x2048, against 767 and 785 for the first form, ("bits", 32, 8)); 16 rows win only
+    on the 65536-row head (1,451 against 1,361)."""
 
     decode: str = "f16pairs"  # nibbles to floats: "bits" one at a time as f32, "f16pairs" two at a time as f16
-    cols: int = 64  # columns of each super-block an invocation takes: 32 (8 share a block) or 64 (4 do)
+    cols: int = 32  # columns of each super-block an invocation takes: 32 (8 share a block) or 64 (4 do)
     rows: int = 8  # rows per workgroup: 8 or 16
 
     DECODES = ("bits", "f16pairs")  # DECODE_BITS, DECODE_F16_PAIRS
