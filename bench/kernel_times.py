@@ -2,6 +2,8 @@
 
     ncu --csv --metrics gpu__time_duration.sum -o - python -m bench.kernel_times run decode > k.csv
     python -m bench.kernel_times summarize k.csv
+    ncu --csv --metrics gpu__time_duration.sum python -m bench.bench_q4k --shapes 4096x4096 --calls 4 \
+        --repeats 1 > q.csv && python -m bench.kernel_times summarize --all q.csv   (kernel durations)
 
 `run` executes the workload twice (the first pass compiles and warms up) with a marker kernel
 in between; `summarize` keeps the launches after the marker (the measured pass) and prints GPU microseconds per kernel
@@ -48,9 +50,10 @@ def _marker() -> None:
     mx.eval(out)
 
 
-def summarize(path: str) -> None:
+def summarize(path: str, every_launch: bool = False) -> None:
+    """Per-kernel GPU time of the launches after the last marker (every launch: all of them)."""
     rows = [r for r in csv.DictReader(_csv_lines(path)) if r.get("Metric Name") == "gpu__time_duration.sum"]
-    last = max(i for i, r in enumerate(rows) if MARKER in r["Kernel Name"])
+    last = -1 if every_launch else max(i for i, r in enumerate(rows) if MARKER in r["Kernel Name"])
     measured = rows[last + 1:]
     per_name: dict[str, list[float]] = defaultdict(list)
     for r in measured:
@@ -85,11 +88,12 @@ def main() -> None:
     r.add_argument("--tokens", type=int, default=1024)
     s = sub.add_parser("summarize")
     s.add_argument("csv")
+    s.add_argument("--all", action="store_true", help="every launch (a profile without the marker)")
     args = p.parse_args()
     if args.cmd == "run":
         run(args.mode, args.shape, args.layers, args.precision, args.tokens)
     else:
-        summarize(args.csv)
+        summarize(args.csv, args.all)
 
 
 if __name__ == "__main__":
