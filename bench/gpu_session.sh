@@ -2,7 +2,7 @@
 # GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
 # Usage on the host, after the .gpu bundle is installed:
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
-#     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b q4k webgpu-kernel
+#     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b graph-size q4k webgpu-kernel
 #     webgpu-kernel-sweep webgpu-q4k-decode webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
@@ -53,6 +53,9 @@ for step in "$@"; do
                --official --write ;;
     mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 \
                --official --write ;;
+    graph-size) for n in 20 60 200; do  # MLX-CUDA nodes per CUDA graph (MLX_MAX_OPS_PER_BUFFER, default 20)
+               MLX_MAX_OPS_PER_BUFFER=$n run bench_mlx_graph$n 150 python3 -m bench.bench_mlx --shape 1.5B --layers 8 \
+               --precision f16 q4k --decode-steps 32; done ;;
     q4k) run bench_mlx_q4k 300 python3 -m bench.bench_mlx --shape 1.5B --precision f16 q4k --decode-steps 64 --write ;;
     webgpu-kernel) run bench_webgpu_kernel 120 python3 -m bench.bench_webgpu --mode kernel --shape 1.5B \
                --precision f16 q4k --strategy one-submit --repeats 5 --write ;;
