@@ -54,7 +54,7 @@ for step in "$@"; do
     mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 \
                --official --write ;;
     graph-size) for n in 20 60 200; do  # MLX-CUDA nodes per CUDA graph (MLX_MAX_OPS_PER_BUFFER, default 20)
-               MLX_MAX_OPS_PER_BUFFER=$n run bench_mlx_graph$n 150 python3 -m bench.bench_mlx --shape 1.5B --layers 8 \
+               run bench_mlx_graph$n 150 env MLX_MAX_OPS_PER_BUFFER=$n python3 -m bench.bench_mlx --shape 1.5B --layers 8 \
                --precision f16 q4k --decode-steps 32; done ;;
     q4k) run bench_mlx_q4k 300 python3 -m bench.bench_mlx --shape 1.5B --precision f16 q4k --decode-steps 64 --write ;;
     webgpu-kernel) run bench_webgpu_kernel 120 python3 -m bench.bench_webgpu --mode kernel --shape 1.5B \
