@@ -12,6 +12,9 @@ DEVICE_FN float rwkv_warp_sum(float v) {
   }
   return v;
 }
+// v of lane (this lane ^ mask) of the warp; every lane of the warp must take part.
+#define SIMD_SHUFFLE_XOR(v, mask) __shfl_xor_sync(0xffffffffu, (v), (mask))
+#define MAKE_FLOAT4(x, y, z, w) make_float4((x), (y), (z), (w))
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const uint4*)(ptr)))
 #define AS_FLOAT(u) __uint_as_float(u)

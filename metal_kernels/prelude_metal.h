@@ -5,6 +5,9 @@
 #define SIMD_WIDTH 32
 // The sum of v over the 32 lanes of a SIMD-group, in every lane (Apple GPUs: 32 lanes).
 #define SIMD_SUM(v) simd_sum(v)
+// v of lane (this lane ^ mask) of the SIMD-group; every lane of the SIMD-group must take part.
+#define SIMD_SHUFFLE_XOR(v, mask) simd_shuffle_xor((v), ushort(mask))
+#define MAKE_FLOAT4(x, y, z, w) float4((x), (y), (z), (w))
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const device uint4*)(ptr)))
 #define AS_FLOAT(u) as_type<float>(uint(u))

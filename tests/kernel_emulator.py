@@ -3,8 +3,8 @@
 `emulated_kernels()` patches `mlx_rwkv.kernels` so that every `get_kernel(spec)` returns a
 callable with the signature of an `mx.fast` kernel. The call generates C++ from the same body
 the GPU compiles (a small prelude maps the portable vocabulary: SHARED arrays, BARRIER() as a
-threadgroup barrier, SIMD_SUM as a 32-lane exchange through memory between barriers, 16-byte
-loads, fp16 via _Float16), builds it with g++ once per instantiation and runs each threadgroup
+threadgroup barrier, SIMD_SUM and SIMD_SHUFFLE_XOR as 32-lane exchanges through memory between
+barriers, 16-byte loads, fp16 via _Float16), builds it with g++ once per instantiation and runs each threadgroup
 with one coroutine (ucontext) per GPU thread on one OS thread: a barrier yields until every
 participant has arrived, so the interleaving is deterministic. So the production wrappers (ProjectionGroup, norm_mix, wkv7)
 run end to end with their kernels in CI, where no GPU exists; bugs in the kernels' index
@@ -44,6 +44,7 @@ typedef unsigned int uint;
 using std::max; using std::min; using std::exp; using std::sqrt; using std::tanh;
 struct uint4 { uint x, y, z, w; };
 struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
 struct emu_bf16 {  // bfloat16 as the GPU types behave: float in, round to nearest even
   unsigned short bits;
   emu_bf16() = default;
@@ -80,6 +81,16 @@ static float emu_simd_sum(float v) {
   emu_warps[w].wait();
   return s;
 }
+static int emu_bad_shuffle = 0;  // a shuffle from a lane past the end of a partial SIMD-group
+static float emu_shuffle_xor(float v, uint mask) {
+  const uint w = emu_current / 32, lane = emu_current % 32, from = lane ^ mask;
+  emu_lanes[w][lane] = v;
+  emu_warps[w].wait();
+  emu_bad_shuffle |= from >= emu_warps[w].n;
+  const float got = emu_lanes[w][from % 32];
+  emu_warps[w].wait();
+  return got;
+}
 static int emu_misaligned = 0;  // a 16-byte load from an address that is not 16-byte aligned
 static inline uint4 emu_load_u4(const void* p) {
   emu_misaligned |= (reinterpret_cast<unsigned long>(p) % 16) != 0;
@@ -94,6 +105,8 @@ static inline float2 emu_half2(uint u) {
 #define DEVICE_FN inline
 #define SIMD_WIDTH 32
 #define SIMD_SUM(v) emu_simd_sum(v)
+#define SIMD_SHUFFLE_XOR(v, mask) emu_shuffle_xor((v), (mask))
+#define MAKE_FLOAT4(x, y, z, w) (float4{(x), (y), (z), (w)})
 #define LOAD_U4(ptr) emu_load_u4((const void*)(ptr))
 #define AS_FLOAT(u) emu_as_float(uint(u))
 #define HALF2_TO_FLOAT2(u) emu_half2(uint(u))
@@ -111,6 +124,7 @@ static void emu_entry() {{
 }}
 extern "C" int run(uint groups, uint threads, void** args) {{
   emu_misaligned = 0;
+  emu_bad_shuffle = 0;
   emu_args = args;
   emu_fibers.resize(threads);
   emu_group.n = threads;
@@ -136,7 +150,7 @@ extern "C" int run(uint groups, uint threads, void** args) {{
       }}
     }}
   }}
-  return emu_misaligned;
+  return emu_misaligned | (emu_bad_shuffle << 1);
 }}
 """
 
@@ -188,8 +202,9 @@ class EmulatedKernel:
         # here: ProjectionGroup's kernel takes whole buffers and checks x_base alignment itself
         arrays = ins + outs
         args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        misaligned = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
-        assert not misaligned, f"{self.spec.name}: a 16-byte load from an unaligned address"
+        flags = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
+        assert not flags & 1, f"{self.spec.name}: a 16-byte load from an unaligned address"
+        assert not flags & 2, f"{self.spec.name}: a shuffle from a lane past a partial SIMD-group"
         return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
                 for o, dt in zip(outs, output_dtypes)]
 
