@@ -2,7 +2,7 @@
 # GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
 # Usage on the host, after the .gpu bundle is installed:
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
-#     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b graph-size q4k webgpu-kernel
+#     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-matvec ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b graph-size q4k webgpu-kernel
 #     webgpu-kernel-sweep webgpu-q4k-decode webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
@@ -44,6 +44,10 @@ for step in "$@"; do
                run ncu_kernels_$shape 90 bash -c "${ncu[*]} python3 -m bench.bench_q4k --shapes $shape --rows 1 8 \
                --calls 4 --repeats 1 > $out/kernels_$shape.csv; python3 -m bench.kernel_times summarize --all \
                $out/kernels_$shape.csv"; done ;;
+    ncu-matvec) run ncu_matvec 90 bash -c "/usr/local/cuda/bin/ncu --section WarpStateStats --section SourceCounters \
+               --section Occupancy --section LaunchStats --section SpeedOfLight -k regex:matvec --launch-count 2 \
+               python3 -m bench.bench_q4k --shapes 4096x4096 --rows 1 --calls 1 --repeats 1 > $out/ncu_matvec.txt; \
+               grep -E 'matvec|Duration|Registers Per|Achieved Occ|Stall|stall|cycles being' $out/ncu_matvec.txt | head -60" ;;
     ncu-decode-q4k) run ncu_decode_q4k 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
                > $out/decode_q4k.csv && python3 -m bench.kernel_times summarize $out/decode_q4k.csv" ;;
     ncu-detail) run ncu_detail 120 bash -c "${ncu_detail[*]} python3 -m bench.kernel_times run prefill --layers 2 \
