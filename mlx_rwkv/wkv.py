@@ -3,12 +3,14 @@
 Three implementations of one computation:
 - `wkv7` kernel: everything in one launch, for decode (T <= FUSED_MAX_T; serial per token);
 - `wkv7_scan` + `wkv7_finish` kernels, for prefill: the recurrence with the per-token vector
-  math fused in (one SIMD-group per state row), then GroupNorm, bonus and gate token-parallel;
+  math fused in (a few lanes per state row; `wkv7_scan_rows`, a SIMD-group per row, is the
+  previous layout, kept for A/B timing), then GroupNorm, bonus and gate token-parallel;
 - `wkv7_reference`: pure MLX (the CPU path and the kernels' test oracle).
 All keep the state and the decay in fp32.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -21,12 +23,10 @@ WKV7_FUSED = KernelSpec(
             "ln_w", "ln_b", "state_in", "seq_len"),
     outputs=("y_out", "state_out"),
 )
-WKV7_SCAN = KernelSpec(
-    name="wkv7_scan",
-    inputs=("r", "k", "v", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
-            "state_in", "seq_len"),
-    outputs=("y_raw", "bonus", "state_out"),
-)
+_SCAN_INPUTS = ("r", "k", "v", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
+                "state_in", "seq_len")
+WKV7_SCAN = KernelSpec(name="wkv7_scan", inputs=_SCAN_INPUTS, outputs=("y_raw", "bonus", "state_out"))
+WKV7_SCAN_ROWS = KernelSpec(name="wkv7_scan_rows", inputs=_SCAN_INPUTS, outputs=WKV7_SCAN.outputs)
 WKV7_FINISH = KernelSpec(name="wkv7_finish", inputs=("y_raw", "bonus", "g", "ln_w", "ln_b"),
                          outputs=("y",))
 
@@ -34,8 +34,29 @@ DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay 
 GROUP_NORM_EPS = 64e-5
 FUSED_MAX_T = 4  # above this, scan + finish win (the fused kernel is serial per token)
 SIMD_WIDTH = 32  # lanes per SIMD-group (CUDA warp, Apple SIMD-group)
-SCAN_ROWS_X_N = 1024  # scan: state rows (SIMD-groups) per threadgroup x head size (N=64: 16 rows);
-# rows = tokens per stage, so its five shared vectors stay 1024 floats (20 KB in all) for any N
+SCAN_ROWS_X_N = 1024  # rows scan: state rows (SIMD-groups) per threadgroup x head size (N=64: 16
+# rows); rows = tokens per stage, so its five shared vectors stay 1024 floats (20 KB in all) for any N
+
+
+@dataclass(frozen=True)
+class ScanLayout:
+    """How wkv7_scan spreads a head's state over lanes (metal_kernels/wkv7_scan.inc)."""
+
+    lanes_per_row: int  # LPR: lanes sharing a state row (log2 of it = shuffle levels per sum)
+    rows_per_lane: int  # RPL: rows each lane keeps over the same columns (shared reads serve all)
+    group_rows: int = 16  # state rows per threadgroup: 16 at 1.5B gives 128 threadgroups, ~1 per SM
+    stage_tokens: int = 8  # tokens per stage, double-buffered: 22 KB of shared memory at N = 64
+
+
+# Scan variants for A/B timing (bench/bench_scan.py): None is wkv7_scan_rows, a SIMD-group per row.
+SCAN_VARIANTS: dict[str, ScanLayout | None] = {
+    "rows": None,
+    "lanes16x2": ScanLayout(16, 2),  # 4 rows per SIMD-group, 4 columns per lane, 4 shuffle levels
+    "lanes8": ScanLayout(8, 1),  # 4 rows per SIMD-group, 8 columns per lane, 3 shuffle levels
+    "lanes8x2": ScanLayout(8, 2),  # 8 rows per SIMD-group, 2 SIMD-groups per threadgroup
+    "lanes16": ScanLayout(16, 1),  # 2 rows per SIMD-group, 8 SIMD-groups per threadgroup
+}
+SCAN_VARIANT = "lanes16x2"  # the prefill default; the others stay launchable for measurements
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 
@@ -62,25 +83,47 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
             grid=(B * H * N, 1, 1), threadgroup=(N, 1, 1),
             output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
         return y, new_state
-    N = state.shape[-1]
-    warps = SCAN_ROWS_X_N // N
-    scan = get_kernel(WKV7_SCAN) if N % SIMD_WIDTH == 0 and N % warps == 0 else None
+    launch = scan_launch(SCAN_VARIANT, *state.shape[:3])
+    scan = get_kernel(launch[0]) if launch is not None else None
     if scan is not None:
-        return _scan_and_finish(scan, warps, r, k, v, g, lw, la, lv, v_first, params, state)
+        return _scan_and_finish(scan, launch, r, k, v, g, lw, la, lv, v_first, params, state)
     return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
-def _scan_and_finish(scan: Callable, warps: int, r: mx.array, k: mx.array, v: mx.array, g: mx.array,
+ScanLaunch = tuple[KernelSpec, list[tuple[str, int]], int, int]  # spec, template (less T, FIRST), grid, group
+
+
+def scan_launch(variant: str, B: int, H: int, N: int) -> ScanLaunch | None:
+    """The scan kernel of `variant` for this state shape, its layout template arguments and its
+    grid and threadgroup sizes in threads; the rows kernel where the lanes layout does not fit
+    N; None where neither does."""
+    layout = SCAN_VARIANTS[variant]
+    if layout is not None:
+        lpr, rpl, rows, ch = layout.lanes_per_row, layout.rows_per_lane, layout.group_rows, layout.stage_tokens
+        threads = rows * lpr // rpl
+        fits = (N <= 64 and N % (4 * lpr) == 0 and SIMD_WIDTH % (N // 4) == 0 and ch % (128 // N) == 0
+                and rows % (SIMD_WIDTH // lpr * rpl) == 0 and N % rows == 0 and threads % rows == 0)
+        if fits:  # (the static_asserts of wkv7_scan.inc)
+            template = [("LPR", lpr), ("RPL", rpl), ("ROWS", rows), ("CH", ch)]
+            return WKV7_SCAN, template, B * H * (N // rows) * threads, threads
+    warps = SCAN_ROWS_X_N // N
+    if N % SIMD_WIDTH == 0 and N % warps == 0:  # a row per SIMD-group
+        return WKV7_SCAN_ROWS, [("WARPS", warps)], B * H * N * SIMD_WIDTH, warps * SIMD_WIDTH
+    return None
+
+
+def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.array, v: mx.array, g: mx.array,
                      lw: mx.array, la: mx.array, lv: mx.array, v_first: mx.array | None,
                      params: dict[str, mx.array], state: mx.array) -> tuple[mx.array, mx.array]:
     B, T, C = r.shape
     _, H, N, _ = state.shape
     first = v_first is None
+    _, layout_template, grid, threads = launch
     y_raw, bonus, new_state = scan(
         inputs=[r, k, v, lw, la, v if first else lv, v if first else v_first,
                 *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)],
-        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("WARPS", warps)],
-        grid=(B * H * N * SIMD_WIDTH, 1, 1), threadgroup=(warps * SIMD_WIDTH, 1, 1),  # a row per SIMD-group
+        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), *layout_template],
+        grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[r.shape, r.shape, state.shape], output_dtypes=[mx.float32] * 3)
     (y,) = get_kernel(WKV7_FINISH)(
         inputs=[y_raw, bonus, g, params["ln_w"], params["ln_b"]],

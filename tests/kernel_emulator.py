@@ -160,12 +160,14 @@ def _library(source: str) -> ctypes.CDLL:
     BUILD_DIR.mkdir(exist_ok=True)
     digest = hashlib.sha1(source.encode()).hexdigest()[:16]
     lib = BUILD_DIR / f"k_{digest}.so"
-    if not lib.exists():
-        src = lib.with_suffix(".cpp")
-        src.write_text(source)
-        result = subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(lib), str(src)],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-4000:]
+    if not lib.exists():  # built under a private name, then renamed: parallel runs share BUILD_DIR
+        with tempfile.TemporaryDirectory(dir=BUILD_DIR) as tmp:
+            src, out = Path(tmp, "k.cpp"), Path(tmp, "k.so")
+            src.write_text(source)
+            result = subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(out), str(src)],
+                                    capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr[-4000:]
+            out.replace(lib)
     return ctypes.CDLL(str(lib))
 
 

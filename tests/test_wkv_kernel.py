@@ -44,6 +44,21 @@ def test_kernels_match_reference(B, T, H, dtype, first):
     assert_close(y, y_ref, s, s_ref, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(wkv.SCAN_VARIANTS))
+@pytest.mark.parametrize("B,T,H", [(1, 37, 3), (2, 200, 4), (1, 300, 32)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("first", [True, False])
+def test_scan_variants_match_reference(variant, B, T, H, dtype, first, monkeypatch):
+    """Every scan layout (wkv.SCAN_VARIANTS); H = 32 is the 1.5B model's head count."""
+    monkeypatch.setattr(wkv, "SCAN_VARIANT", variant)
+    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(B, T, H, 64, dtype, seed=B * 100 + T)
+    vf = None if first else vf
+    y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
+    y_ref, s_ref = _on_cpu(wkv7_reference, r, k, v, g, lw, la, lv, vf, params, state)
+    assert_close(y, y_ref, s, s_ref, dtype)
+
+
 def _on_cpu(fn, *args):
     """Run `fn` with kernels disabled (pure MLX ops) on the CPU device."""
     prev = mx.default_device()
