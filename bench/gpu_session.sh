@@ -2,7 +2,7 @@
 # GPU-host session steps (DESIGN.md): kernel tests and benchmarks, logs and JSON to $OUT.
 # Usage on the host, after the .gpu bundle is installed:
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
-#     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-matvec ncu-decode ncu-decode-q4k ncu-detail mlx mlx-1.5b graph-size q4k webgpu-kernel
+#     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-matvec ncu-decode ncu-decode-q4k ncu-detail scan ncu-scan mlx mlx-1.5b graph-size q4k webgpu-kernel
 #     webgpu-kernel-sweep webgpu-q4k-decode webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
@@ -53,6 +53,9 @@ for step in "$@"; do
     ncu-detail) run ncu_detail 120 bash -c "${ncu_detail[*]} python3 -m bench.kernel_times run prefill --layers 2 \
                > $out/ncu_detail.txt; grep -E 'rwkv_|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles' \
                $out/ncu_detail.txt | head -80" ;;
+    scan) run bench_scan 120 python3 -m bench.bench_scan --shape 1.5B 0.1B --tokens 1024 --write ;;  # every scan layout
+    ncu-scan) run ncu_scan 120 bash -c "${ncu[*]} -k regex:wkv7 python3 -m bench.bench_scan --shape 1.5B --calls 2 \
+               --repeats 2 > $out/scan.csv; python3 -m bench.kernel_times summarize --all $out/scan.csv" ;;
     mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 \
                --official --write ;;
     mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 \
