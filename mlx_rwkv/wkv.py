@@ -33,6 +33,7 @@ WKV7_FINISH = KernelSpec(name="wkv7_finish", inputs=("y_raw", "bonus", "g", "ln_
 DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay in (0.545, 1)
 GROUP_NORM_EPS = 64e-5
 FUSED_MAX_T = 4  # above this, scan + finish win (the fused kernel is serial per token)
+FUSED_LANES_PER_ROW = 8  # fused kernel: lanes per state row (threadgroup: head size x 8 threads)
 SIMD_WIDTH = 32  # lanes per SIMD-group (CUDA warp, Apple SIMD-group)
 SCAN_ROWS_X_N = 1024  # rows scan: state rows (SIMD-groups) per threadgroup x head size (N=64: 16
 # rows); rows = tokens per stage, so its five shared vectors stay 1024 floats (20 KB in all) for any N
@@ -75,15 +76,17 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     Returns y (B, T, C) in the activation dtype, ready for the output projection, and the state.
     """
     B, T, C = r.shape
-    fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T else None
+    N, lpr = state.shape[-1], FUSED_LANES_PER_ROW
+    fits = N % lpr == 0 and N * lpr % SIMD_WIDTH == 0 and N * lpr <= 1024
+    fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T and fits else None
     if fused is not None:
-        _, H, N, _ = state.shape
+        H = state.shape[1]
         first = v_first is None
         y, new_state = fused(
             inputs=[r, k, v, g, lw, la, v if first else lv, v if first else v_first,
                     *(params[n] for n in PARAM_NAMES), state, mx.array([T], dtype=mx.int32)],
-            template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first))],
-            grid=(B * H * N, 1, 1), threadgroup=(N, 1, 1),
+            template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr)],
+            grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
             output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
         return y, new_state
     launch = scan_launch(SCAN_VARIANT, *state.shape[:3])
