@@ -25,7 +25,8 @@ from mlx_rwkv.quant import BLOCK_BYTES, QK_K, SUB, Q4KTensor, unpack_scales
 
 GROUP, BITS = SUB, 4
 # wq / wh: the same blocks viewed as uint32 words and as halves (d, dmin readable as float)
-Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",))
+Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",),
+                         parts=("q4k_expand", "q4k_dequant"))
 
 
 def repack_q4k(weight: Q4KTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,9 +92,9 @@ class Q4KLinear:
 
     def _dense(self, dtype: mx.Dtype) -> mx.array:
         rows, k = self.shape
-        threads = rows * k // 8  # one per 8 weights
+        threads = rows * k // 8  # 32 per super-block: one per 8 weights
         (w,) = self.kernel(
-            inputs=[self.wq, self.wh], template=[("TX", dtype), ("ROWS", rows), ("K", k)],
+            inputs=[self.wq, self.wh], template=[("TX", dtype), ("NB", rows * k // 256)],
             grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
             output_shapes=[(rows, k)], output_dtypes=[dtype])
         return w

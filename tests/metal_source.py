@@ -310,11 +310,11 @@ def full_metal_source(spec: KernelSpec, input_dtypes: Sequence[mx.Dtype],
     for i, attr in enumerate(attributes):
         src.append(attr + (") {\n" if i == len(attributes) - 1 else ",\n"))
     if line_markers:
-        inc = kernels.read_source(f"{spec.name}.inc")
+        inc = kernels.body_source(spec)
         prefix = body[: len(body) - len(inc)] if body.endswith(inc) else body
         src.append(prefix)
         if body.endswith(inc):
-            src.append(f'#line 1 "metal_kernels/{spec.name}.inc"\n' + inc)
+            src += [f'#line 1 "metal_kernels/{f}"\n' + kernels.read_source(f) for f in spec.body_files]
         src.append('\n#line 1 "<mlx instantiation>"')
     else:
         src.append(body)
