@@ -15,10 +15,6 @@ DEVICE_FN float rwkv_warp_sum(float v) {
 // v of lane (this lane ^ mask) of the warp; every lane of the warp must take part.
 #define SIMD_SHUFFLE_XOR(v, mask) __shfl_xor_sync(0xffffffffu, (v), (mask))
 #define MAKE_FLOAT4(x, y, z, w) make_float4((x), (y), (z), (w))
-// Hardware approximations (a few ulp, no IEEE slow-path branches): for kernels that opt in.
-#define FAST_EXP(x) __expf(x)
-#define FAST_DIV(x, y) __fdividef((x), (y))
-#define RSQRT(x) rsqrtf(x)
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const uint4*)(ptr)))
 #define AS_FLOAT(u) __uint_as_float(u)

@@ -8,10 +8,6 @@
 // v of lane (this lane ^ mask) of the SIMD-group; every lane of the SIMD-group must take part.
 #define SIMD_SHUFFLE_XOR(v, mask) simd_shuffle_xor((v), ushort(mask))
 #define MAKE_FLOAT4(x, y, z, w) float4((x), (y), (z), (w))
-// Hardware approximations (a few ulp): for kernels that opt in.
-#define FAST_EXP(x) fast::exp(x)
-#define FAST_DIV(x, y) fast::divide((x), (y))
-#define RSQRT(x) rsqrt(x)
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const device uint4*)(ptr)))
 #define AS_FLOAT(u) as_type<float>(uint(u))

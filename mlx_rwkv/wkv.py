@@ -47,7 +47,6 @@ class ScanLayout:
     rows_per_lane: int  # RPL: rows each lane keeps over the same columns (shared reads serve all)
     group_rows: int = 16  # state rows per threadgroup: 16 at 1.5B gives 128 threadgroups, ~1 per SM
     stage_tokens: int = 8  # tokens per stage, double-buffered: 22 KB of shared memory at N = 64
-    fast: bool = False  # stage preparation with hardware exp / divide (a few ulp) instead of IEEE
 
 
 # Scan variants for A/B timing (bench/bench_scan.py): None is wkv7_scan_rows, a SIMD-group per row.
@@ -57,8 +56,6 @@ SCAN_VARIANTS: dict[str, ScanLayout | None] = {
     "lanes8": ScanLayout(8, 1),  # 4 rows per SIMD-group, 8 columns per lane, 3 shuffle levels
     "lanes8x2": ScanLayout(8, 2),  # 8 rows per SIMD-group, 2 SIMD-groups per threadgroup
     "lanes16": ScanLayout(16, 1),  # 2 rows per SIMD-group, 8 SIMD-groups per threadgroup
-    "lanes16x2f": ScanLayout(16, 2, fast=True),  # lanes16x2, approximate exp / divide (nvcc: -18% instructions)
-    "lanes8f": ScanLayout(8, 1, fast=True),
 }
 SCAN_VARIANT = "lanes16x2"  # the prefill default; the others stay launchable for measurements
 
@@ -110,7 +107,7 @@ def scan_launch(variant: str, B: int, H: int, N: int) -> ScanLaunch | None:
         fits = (N <= 64 and N % (4 * lpr) == 0 and SIMD_WIDTH % (N // 4) == 0 and ch % (128 // N) == 0
                 and rows % (SIMD_WIDTH // lpr * rpl) == 0 and N % rows == 0 and threads % rows == 0)
         if fits:  # (the static_asserts of wkv7_scan.inc)
-            template = [("LPR", lpr), ("RPL", rpl), ("ROWS", rows), ("CH", ch), ("FAST", int(layout.fast))]
+            template = [("LPR", lpr), ("RPL", rpl), ("ROWS", rows), ("CH", ch)]
             return WKV7_SCAN, template, B * H * (N // rows) * threads, threads
     warps = SCAN_ROWS_X_N // N
     if N % SIMD_WIDTH == 0 and N % warps == 0:  # a row per SIMD-group
