@@ -1,23 +1,20 @@
-"""Prefill WKV-7 recurrence (scan + finish kernels) per call, for each scan layout, same run.
+"""Prefill WKV-7 recurrence (scan + finish kernels) per call.
 
-    python -m bench.bench_scan [--shape 1.5B 0.1B] [--tokens 1024] [--batch 1]
-                               [--variants rows lanes16x2 ...] [--calls 32] [--repeats 5] [--write]
+    python -m bench.bench_scan [--shape 1.5B 0.1B] [--tokens 1024] [--batch 1] [--calls 32]
+                               [--repeats 5] [--write]
 
-Every variant of mlx_rwkv.wkv.SCAN_VARIANTS ("rows": a SIMD-group per state row, the previous
-kernel; "lanesL[xR]": L lanes per row, R rows per lane) runs `calls` independent wkv7() calls
-(a later layer: value residual on) on the same float16 activations inside one evaluation, so
-the per-node launch cost is amortized; the graph is built before the clock starts. Printed:
-microseconds per call (scan + finish) and the largest difference from the first variant's
-outputs (the kernels must agree up to fp32 summation order). Records: engine mlx, mode kernel,
-shape scan-<shape>-T<tokens>, precision f16-<variant>, strategy whole-pass, tok_s = tokens /
-seconds per call.
+Runs `calls` independent wkv7() calls (a later layer: value residual on) on the same float16
+activations inside one evaluation, so the per-node launch cost is amortized; the graph is built
+before the clock starts. Printed: microseconds per call (scan + finish) and tokens per second.
+Records: engine mlx, mode kernel, shape scan-<shape>-T<tokens>, precision f16, strategy
+whole-pass, tok_s = tokens / seconds per call. (Records of the layout comparison that chose
+the kernel's layout carry precision f16-<layout>.)
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from unittest import mock
 
 import mlx.core as mx
 import numpy as np
@@ -25,6 +22,7 @@ import numpy as np
 from bench.results_io import record, write_results
 from mlx_rwkv import wkv
 from mlx_rwkv.config import config_for_shape
+from mlx_rwkv.kernels import get_kernel
 
 
 def scan_inputs(B: int, T: int, H: int, N: int, seed: int = 0):
@@ -41,40 +39,31 @@ def scan_inputs(B: int, T: int, H: int, N: int, seed: int = 0):
     return acts, params, state
 
 
-def time_variant(variant: str, acts, params, state, calls: int, repeats: int):
-    """(seconds per call of each repeat, outputs of one call) with wkv.SCAN_VARIANT = variant."""
-    with mock.patch.object(wkv, "SCAN_VARIANT", variant):
-        run = lambda: [wkv.wkv7(*acts, params, state) for _ in range(calls)]  # noqa: E731
-        first = wkv.wkv7(*acts, params, state)
-        mx.eval(first, run())  # compile, warm up
-        seconds = []
-        for _ in range(repeats):
-            outs = run()
-            t0 = time.perf_counter()
-            mx.eval(outs)
-            seconds.append((time.perf_counter() - t0) / calls)
-    return seconds, first
+def time_scan(acts, params, state, calls: int, repeats: int) -> list[float]:
+    """Seconds per wkv7() call, one value per repeat."""
+    run = lambda: [wkv.wkv7(*acts, params, state) for _ in range(calls)]  # noqa: E731
+    mx.eval(run())  # compile, warm up
+    seconds = []
+    for _ in range(repeats):
+        outs = run()
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        seconds.append((time.perf_counter() - t0) / calls)
+    return seconds
 
 
-def bench_shape(shape: str, args) -> list[dict]:
+def bench_shape(shape: str, args) -> dict:
     config = config_for_shape(shape)
     H, N, B, T = config.n_head, config.head_size, args.batch, args.tokens
     acts, params, state = scan_inputs(B, T, H, N)
-    records, reference = [], None
-    for variant in args.variants:
-        launched = wkv.scan_launch(variant, B, H, N)[0].name
-        seconds, (y, s) = time_variant(variant, acts, params, state, args.calls, args.repeats)
-        if reference is None:
-            reference = (y, s)
-        dy = float(mx.max(mx.abs(y.astype(mx.float32) - reference[0].astype(mx.float32))))
-        ds = float(mx.max(mx.abs(s - reference[1])))
-        best = min(seconds)
-        print(f"{shape:>5} B={B} T={T} H={H} {variant:>10} ({launched}): {best * 1e6:8.1f} us/call "
-              f"(median {sorted(seconds)[len(seconds) // 2] * 1e6:.1f}), {T / best:,.0f} tok/s; "
-              f"max |dy| {dy:.1e}, max |dstate| {ds:.1e} vs {args.variants[0]}", flush=True)
-        records.append(record("mlx", f"scan-{shape}-T{T}", f"f16-{variant}", "kernel", "whole-pass",
-                              batch=B, tokens=T, rates=[T / sec for sec in seconds]))
-    return records
+    kernel = wkv.scan_launch(B, H, N) is not None and get_kernel(wkv.WKV7_SCAN) is not None
+    path = "wkv7_scan" if kernel else "MLX ops"
+    seconds = time_scan(acts, params, state, args.calls, args.repeats)
+    best = min(seconds)
+    print(f"{shape:>5} B={B} T={T} H={H} N={N} ({path}): {best * 1e6:8.1f} us/call "
+          f"(median {sorted(seconds)[len(seconds) // 2] * 1e6:.1f}), {T / best:,.0f} tok/s", flush=True)
+    return record("mlx", f"scan-{shape}-T{T}", "f16", "kernel", "whole-pass", batch=B, tokens=T,
+                  rates=[T / sec for sec in seconds])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,14 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", nargs="+", default=["1.5B", "0.1B"])
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--variants", nargs="+", default=list(wkv.SCAN_VARIANTS), choices=list(wkv.SCAN_VARIANTS))
     ap.add_argument("--calls", type=int, default=32, help="wkv7() calls per evaluation")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--write", action="store_true", help="merge the records into bench/results/")
     args = ap.parse_args(argv)
     records = []
     for shape in args.shape:
-        records += bench_shape(shape, args)
+        records.append(bench_shape(shape, args))
         if args.write:  # after every shape: a cut-off run keeps what it measured
             path = write_results(records, "python -m bench.bench_scan " + " ".join(argv or sys.argv[1:]))
     if args.write:

@@ -53,7 +53,7 @@ for step in "$@"; do
     ncu-detail) run ncu_detail 120 bash -c "${ncu_detail[*]} python3 -m bench.kernel_times run prefill --layers 2 \
                > $out/ncu_detail.txt; grep -E 'rwkv_|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles' \
                $out/ncu_detail.txt | head -80" ;;
-    scan) run bench_scan 120 python3 -m bench.bench_scan --shape 1.5B 0.1B --tokens 1024 --write ;;  # every scan layout
+    scan) run bench_scan 120 python3 -m bench.bench_scan --shape 1.5B 0.1B --tokens 1024 --write ;;
     ncu-scan) run ncu_scan 120 bash -c "${ncu[*]} -k regex:wkv7 python3 -m bench.bench_scan --shape 1.5B --calls 2 \
                --repeats 2 > $out/scan.csv; python3 -m bench.kernel_times summarize --all $out/scan.csv" ;;
     mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 \

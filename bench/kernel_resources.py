@@ -1,7 +1,7 @@
 """Registers, local memory and PTX size of the mat-vec kernel's CUDA instantiations, offline.
 
     python -m bench.kernel_resources [--nt 1 8] [--nr 2 4] [--qu 1 2] [--dtype half]
-    python -m bench.kernel_resources --kernel wkv7_scan [--variants rows lanes16x2] [--heads 32]
+    python -m bench.kernel_resources --kernel wkv7_scan [--heads 32]
 
 Needs only the CUDA toolkit's nvcc (no GPU): the portable body is compiled for sm_90 the way
 `mx.fast.cuda_kernel` builds it (CUDA prelude, index lines, the body inside a templated
@@ -45,10 +45,11 @@ def matvec_source(dtype: str, nt: int, nr: int, qu: int, has_q4k: int) -> str:
             f"template __global__ void matvec<{values}>({params.replace('TX', cuda_type)});\n")
 
 
-def scan_source(dtype: str, variant: str, heads: int, first: int) -> str:
-    """The WKV-7 scan kernel of `variant` (bench/bench_scan.py's names) for heads x 64 as a CUDA
-    translation unit, with the template arguments wkv7() passes."""
-    spec, layout, _, _ = wkv.scan_launch(variant, 1, heads, 64)
+def scan_source(dtype: str, heads: int, first: int) -> str:
+    """The WKV-7 scan kernel for heads x 64 as a CUDA translation unit, with the template
+    arguments wkv7() passes."""
+    spec = wkv.WKV7_SCAN
+    layout, _, _ = wkv.scan_launch(1, heads, 64)
     _, cuda_type = CUDA_TYPES[dtype]
     header, body = render(spec, "cuda")
     template = [("H", heads), ("N", 64), ("FIRST", first), *layout]
@@ -87,15 +88,14 @@ def main() -> None:
     p.add_argument("--dtype", default="half", choices=sorted(CUDA_TYPES))
     p.add_argument("--nvcc", default=shutil.which("nvcc") or "nvcc")
     p.add_argument("--kernel", default="matvec", choices=["matvec", "wkv7_scan"])
-    p.add_argument("--variants", nargs="+", default=list(wkv.SCAN_VARIANTS), help="wkv7_scan layouts")
     p.add_argument("--heads", type=int, default=32, help="wkv7_scan: heads of 64 (1.5B: 32)")
     args = p.parse_args()
     if args.kernel == "wkv7_scan":
-        print(f"{'variant':>10} {'FIRST':>5} {'regs':>5} {'stack':>6} {'spill':>6} {'PTX':>6}")
-        for variant, first in itertools.product(args.variants, [1, 0]):
-            r = resources(scan_source(args.dtype, variant, args.heads, first), args.nvcc)
-            print(f"{variant:>10} {first:>5} {r['registers']:>5} {r['stack']:>6} {r['spill']:>6} "
-                  f"{r['ptx_instructions']:>6}", flush=True)
+        print(f"{'FIRST':>5} {'regs':>5} {'stack':>6} {'spill':>6} {'PTX':>6}")
+        for first in [1, 0]:
+            r = resources(scan_source(args.dtype, args.heads, first), args.nvcc)
+            print(f"{first:>5} {r['registers']:>5} {r['stack']:>6} {r['spill']:>6} {r['ptx_instructions']:>6}",
+                  flush=True)
         return
     print(f"{'NT':>3} {'NR':>3} {'QU':>3} {'Q4K':>4} {'regs':>5} {'stack':>6} {'spill':>6} {'PTX':>6}")
     for has_q4k, nt, nr, qu in itertools.product(args.has_q4k, args.nt, args.nr, args.qu):

@@ -3,14 +3,13 @@
 Three implementations of one computation:
 - `wkv7` kernel: everything in one launch, for decode (T <= FUSED_MAX_T; serial per token);
 - `wkv7_scan` + `wkv7_finish` kernels, for prefill: the recurrence with the per-token vector
-  math fused in (a few lanes per state row; `wkv7_scan_rows`, a SIMD-group per row, is the
-  previous layout, kept for A/B timing), then GroupNorm, bonus and gate token-parallel;
-- `wkv7_reference`: pure MLX (the CPU path and the kernels' test oracle).
+  math fused in (8 lanes per state row, head sizes 32 and 64), then GroupNorm, bonus and gate
+  token-parallel;
+- `wkv7_reference`: pure MLX (the CPU path, prefill of other head sizes, the kernels' test oracle).
 All keep the state and the decay in fp32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
@@ -26,7 +25,6 @@ WKV7_FUSED = KernelSpec(
 _SCAN_INPUTS = ("r", "k", "v", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
                 "state_in", "seq_len")
 WKV7_SCAN = KernelSpec(name="wkv7_scan", inputs=_SCAN_INPUTS, outputs=("y_raw", "bonus", "state_out"))
-WKV7_SCAN_ROWS = KernelSpec(name="wkv7_scan_rows", inputs=_SCAN_INPUTS, outputs=WKV7_SCAN.outputs)
 WKV7_FINISH = KernelSpec(name="wkv7_finish", inputs=("y_raw", "bonus", "g", "ln_w", "ln_b"),
                          outputs=("y",))
 
@@ -35,29 +33,10 @@ GROUP_NORM_EPS = 64e-5
 FUSED_MAX_T = 4  # above this, scan + finish win (the fused kernel is serial per token)
 FUSED_LANES_PER_ROW = 8  # fused kernel: lanes per state row (threadgroup: head size x 8 threads)
 SIMD_WIDTH = 32  # lanes per SIMD-group (CUDA warp, Apple SIMD-group)
-SCAN_ROWS_X_N = 1024  # rows scan: state rows (SIMD-groups) per threadgroup x head size (N=64: 16
-# rows); rows = tokens per stage, so its five shared vectors stay 1024 floats (20 KB in all) for any N
-
-
-@dataclass(frozen=True)
-class ScanLayout:
-    """How wkv7_scan spreads a head's state over lanes (metal_kernels/wkv7_scan.inc)."""
-
-    lanes_per_row: int  # LPR: lanes sharing a state row (log2 of it = shuffle levels per sum)
-    rows_per_lane: int  # RPL: rows each lane keeps over the same columns (shared reads serve all)
-    group_rows: int = 16  # state rows per threadgroup: 16 at 1.5B gives 128 threadgroups, ~1 per SM
-    stage_tokens: int = 8  # tokens per stage, double-buffered: 22 KB of shared memory at N = 64
-
-
-# Scan variants for A/B timing (bench/bench_scan.py): None is wkv7_scan_rows, a SIMD-group per row.
-SCAN_VARIANTS: dict[str, ScanLayout | None] = {
-    "rows": None,
-    "lanes16x2": ScanLayout(16, 2),  # 4 rows per SIMD-group, 4 columns per lane, 4 shuffle levels
-    "lanes8": ScanLayout(8, 1),  # 4 rows per SIMD-group, 8 columns per lane, 3 shuffle levels
-    "lanes8x2": ScanLayout(8, 2),  # 8 rows per SIMD-group, 2 SIMD-groups per threadgroup
-    "lanes16": ScanLayout(16, 1),  # 2 rows per SIMD-group, 8 SIMD-groups per threadgroup
-}
-SCAN_VARIANT = "lanes16x2"  # the prefill default; the others stay launchable for measurements
+# The scan's layout (metal_kernels/wkv7_scan.inc; the fastest of five measured on an H200, its header)
+SCAN_LANES_PER_ROW = 8  # lanes sharing a state row: 3 shuffle levels per sum, 4 rows per SIMD-group
+SCAN_GROUP_ROWS = 16  # state rows per threadgroup: 16 at 1.5B gives 128 threadgroups, ~1 per SM
+SCAN_STAGE_TOKENS = 8  # tokens per stage, double-buffered: 22 KB of shared memory at N = 64
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 
@@ -86,33 +65,28 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
             grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
             output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
         return y, new_state
-    launch = scan_launch(SCAN_VARIANT, *state.shape[:3])
-    scan = get_kernel(launch[0]) if launch is not None else None
+    launch = scan_launch(*state.shape[:3])
+    scan = get_kernel(WKV7_SCAN) if launch is not None else None
     if scan is not None:
         return _scan_and_finish(scan, launch, r, k, v, g, lw, la, lv, v_first, params, state)
     return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
-ScanLaunch = tuple[KernelSpec, list[tuple[str, int]], int, int]  # spec, template (less T, FIRST), grid, group
+ScanLaunch = tuple[list[tuple[str, int]], int, int]  # layout template arguments, grid, threadgroup
 
 
-def scan_launch(variant: str, B: int, H: int, N: int) -> ScanLaunch | None:
-    """The scan kernel of `variant` for this state shape, its layout template arguments and its
-    grid and threadgroup sizes in threads; the rows kernel where the lanes layout does not fit
-    N; None where neither does."""
-    layout = SCAN_VARIANTS[variant]
-    if layout is not None:
-        lpr, rpl, rows, ch = layout.lanes_per_row, layout.rows_per_lane, layout.group_rows, layout.stage_tokens
-        threads = rows * lpr // rpl
-        fits = (N <= 64 and N % (4 * lpr) == 0 and SIMD_WIDTH % (N // 4) == 0 and ch % (128 // N) == 0
-                and rows % (SIMD_WIDTH // lpr * rpl) == 0 and N % rows == 0 and threads % rows == 0)
-        if fits:  # (the static_asserts of wkv7_scan.inc)
-            template = [("LPR", lpr), ("RPL", rpl), ("ROWS", rows), ("CH", ch)]
-            return WKV7_SCAN, template, B * H * (N // rows) * threads, threads
-    warps = SCAN_ROWS_X_N // N
-    if N % SIMD_WIDTH == 0 and N % warps == 0:  # a row per SIMD-group
-        return WKV7_SCAN_ROWS, [("WARPS", warps)], B * H * N * SIMD_WIDTH, warps * SIMD_WIDTH
-    return None
+def scan_launch(B: int, H: int, N: int) -> ScanLaunch | None:
+    """wkv7_scan's layout template arguments (LPR, ROWS, CH) and its grid and threadgroup sizes in
+    threads for this state shape; None where the kernel does not support the head size N, and then
+    prefill runs on MLX ops (wkv7_reference). The kernel needs (its static_asserts) N <= 64, N a
+    multiple of 4 x SCAN_LANES_PER_ROW, N / 4 dividing the SIMD width, SCAN_STAGE_TOKENS a multiple
+    of 128 / N and SCAN_GROUP_ROWS dividing N: with this layout N = 32 or 64."""
+    lpr, rows, ch = SCAN_LANES_PER_ROW, SCAN_GROUP_ROWS, SCAN_STAGE_TOKENS
+    if not (N <= 64 and N % (4 * lpr) == 0 and SIMD_WIDTH % (N // 4) == 0 and ch % (128 // N) == 0
+            and N % rows == 0):
+        return None
+    threads = rows * lpr
+    return [("LPR", lpr), ("ROWS", rows), ("CH", ch)], B * H * (N // rows) * threads, threads
 
 
 def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.array, v: mx.array, g: mx.array,
@@ -121,7 +95,7 @@ def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.arra
     B, T, C = r.shape
     _, H, N, _ = state.shape
     first = v_first is None
-    _, layout_template, grid, threads = launch
+    layout_template, grid, threads = launch
     y_raw, bonus, new_state = scan(
         inputs=[r, k, v, lw, la, v if first else lv, v if first else v_first,
                 *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)],
@@ -137,7 +111,8 @@ def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.arra
 
 
 def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.array, mx.array]:
-    """Token-parallel MLX ops around a token-by-token recurrence (the CPU path)."""
+    """Token-parallel MLX ops around a token-by-token recurrence (the CPU path; on a GPU, the
+    prefill of head sizes that wkv7_scan does not support)."""
     B, T, C = r.shape
     _, H, N, _ = state.shape
     f32 = lambda x: x.astype(mx.float32).reshape(B, T, H, N)  # noqa: E731  (B, T, H, N)

@@ -122,17 +122,15 @@ def _wkv7_call(dtype: mx.Dtype) -> None:
     wkv7(act, act, act, act, act, act, act, act, params, state)  # later layers: FIRST = 0
 
 
-def _wkv7_scan_call(dtype: mx.Dtype) -> None:  # prefill: wkv7_scan(_rows) + wkv7_finish, every layout
+def _wkv7_scan_call(dtype: mx.Dtype) -> None:  # prefill: wkv7_scan + wkv7_finish
     from mlx_rwkv import wkv
 
     B, T, H, N = 1, wkv.FUSED_MAX_T + 1, 2, 64
     act = mx.zeros((B, T, H * N), dtype=dtype)
     params = {n: mx.zeros((H * N,)) for n in wkv.PARAM_NAMES}
     state = mx.zeros((B, H, N, N))
-    for variant in wkv.SCAN_VARIANTS:
-        with mock.patch.object(wkv, "SCAN_VARIANT", variant):
-            wkv.wkv7(act, act, act, act, act, act, act, None, params, state)
-            wkv.wkv7(act, act, act, act, act, act, act, act, params, state)
+    wkv.wkv7(act, act, act, act, act, act, act, None, params, state)
+    wkv.wkv7(act, act, act, act, act, act, act, act, params, state)
 
 
 def _norm_mix_call(dtype: mx.Dtype) -> None:
@@ -176,7 +174,6 @@ def _matvec_call(dtype: mx.Dtype) -> None:  # grouped mat-vec: dense + Q4_K segm
 EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "wkv7": _wkv7_call,
     "wkv7_scan": _wkv7_scan_call,
-    "wkv7_scan_rows": _wkv7_scan_call,
     "wkv7_finish": _wkv7_scan_call,
     "norm_mix": _norm_mix_call,
     "q4k_dequant": _q4k_call,

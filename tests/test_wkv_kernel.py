@@ -32,36 +32,18 @@ def assert_close(y, y_ref, s, s_ref, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,T,H", [(1, 1, 2), (1, 3, 3), (3, 1, 12), (2, 4, 4), (1, 37, 3), (2, 200, 4)])
+@pytest.mark.parametrize("B,T,H", [(1, 1, 2), (1, 3, 3), (3, 1, 12), (2, 4, 4), (1, 37, 3), (2, 200, 4),
+                                   (1, 300, 32)])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("first", [True, False])
 def test_kernels_match_reference(B, T, H, dtype, first):
-    """T <= FUSED_MAX_T exercises the fused kernel, longer T the scan kernel."""
+    """T <= FUSED_MAX_T exercises the fused kernel, longer T the scan kernel (H = 32: the 1.5B
+    model's head count)."""
     (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(B, T, H, 64, dtype, seed=B * 100 + T)
     vf = None if first else vf
     y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
     y_ref, s_ref = _on_cpu(wkv7_reference, r, k, v, g, lw, la, lv, vf, params, state)
     assert_close(y, y_ref, s, s_ref, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", list(wkv.SCAN_VARIANTS))
-@pytest.mark.parametrize("B,T,H", [(1, 37, 3), (2, 200, 4), (1, 300, 32)])
-@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
-@pytest.mark.parametrize("first", [True, False])
-def test_scan_variants_match_reference(variant, B, T, H, dtype, first, monkeypatch):
-    """Every scan layout (wkv.SCAN_VARIANTS); H = 32 is the 1.5B model's head count."""
-    monkeypatch.setattr(wkv, "SCAN_VARIANT", variant)
-    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(B, T, H, 64, dtype, seed=B * 100 + T)
-    vf = None if first else vf
-    y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
-    key = (B, T, H, dtype, first)
-    if key not in _SCAN_REFERENCES:  # the same for every variant
-        _SCAN_REFERENCES[key] = _on_cpu(wkv7_reference, r, k, v, g, lw, la, lv, vf, params, state)
-    assert_close(y, _SCAN_REFERENCES[key][0], s, _SCAN_REFERENCES[key][1], dtype)
-
-
-_SCAN_REFERENCES: dict = {}
 
 
 def _on_cpu(fn, *args):
