@@ -77,7 +77,8 @@ class Q4KLinear:
         self.wq = words.reshape(self.shape[0], -1)  # (rows, K/256*36)
         self.wh = mx.view(words, mx.float16).reshape(self.shape[0], -1)  # (rows, K/256*72)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, dense: mx.array | None = None) -> mx.array:
+        """y = x W^T; dense: W already expanded (GPU), instead of expanding it here."""
         rows, k = self.shape
         if x.shape[-1] != k:
             raise ValueError(f"Q4KLinear expects inputs [..., {k}], got {tuple(x.shape)}")
@@ -87,7 +88,7 @@ class Q4KLinear:
             y = mx.quantized_matmul(x2.astype(self.scales.dtype), self.wq, self.scales, self.biases,
                                     transpose=True, group_size=GROUP, bits=BITS).astype(x.dtype)
         else:
-            y = x2 @ self._dense(x.dtype).T
+            y = x2 @ (self._dense(x.dtype) if dense is None else dense).T
         return y.reshape(*lead, rows)
 
     def _dense(self, dtype: mx.Dtype) -> mx.array:
