@@ -26,32 +26,21 @@ _INDEX_LINES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """A kernel: its argument names and its body, the files metal_kernels/<part>.inc in order
-    (by default just <name>.inc; parts let kernels share a piece such as a macro)."""
+    """A kernel: its source file (metal_kernels/<name>.inc) and its argument names."""
 
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    parts: tuple[str, ...] = ()
-
-    @property
-    def body_files(self) -> tuple[str, ...]:
-        return tuple(f"{part}.inc" for part in self.parts or (self.name,))
 
 
 def read_source(filename: str) -> str:
     return resources.files("metal_kernels").joinpath(filename).read_text()
 
 
-def body_source(spec: KernelSpec) -> str:
-    """The portable body of `spec`: its files, concatenated."""
-    return "".join(read_source(f) for f in spec.body_files)
-
-
 def render(spec: KernelSpec, backend: Backend) -> tuple[str, str]:
     """The (header, body) pair handed to MLX for `backend`."""
     header = read_source(f"prelude_{backend}.h")
-    body = _INDEX_LINES[backend] + body_source(spec)
+    body = _INDEX_LINES[backend] + read_source(f"{spec.name}.inc")
     return header, body
 
 

@@ -90,7 +90,6 @@ class ProjectionGroup:
         else:
             self.kernel = None
             self.linears = [_linear(s.weight, dtype) for s in segments]
-            self.q4k_offsets = [None] * len(segments)
         # materialize now: a lazy weight captured by the compiled decode step would be
         # recomputed (re-packed) on every step
         mx.eval([vars(layer) for layer in self.linears], self.__dict__)
@@ -99,12 +98,8 @@ class ProjectionGroup:
     def rows(self) -> int:
         return sum(rows for rows, _ in self.shapes)
 
-    def __call__(self, x: mx.array, nt: int, expanded: mx.array | None = None) -> mx.array:
-        """All segments for nt activation rows: flat (nt * rows,) in the activation dtype.
-
-        expanded: the group's Q4_K weights already expanded (`q4k_blocks()` through a kernel that
-        dequantizes them, e.g. the prefill WKV scan); used above MAX_ROWS instead of expanding here.
-        """
+    def __call__(self, x: mx.array, nt: int) -> mx.array:
+        """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
         if self.kernel is not None and nt <= MAX_ROWS:
             template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k)
             nr = dict(template)["NR"]
@@ -116,23 +111,10 @@ class ProjectionGroup:
             return y
         flat = x.reshape(-1)
         outs = []
-        for linear, (rows, k), act, base, off in zip(self.linears, self.shapes, self.acts, self.x_bases,
-                                                      self.q4k_offsets):
+        for linear, (_, k), act, base in zip(self.linears, self.shapes, self.acts, self.x_bases):
             xi = flat[nt * base: nt * (base + k)].reshape(nt, k)
-            if expanded is not None and off is not None:  # this segment's weights in the expansion
-                y = linear(xi, expanded[off // 36 * 256: off // 36 * 256 + rows * k].reshape(rows, k))
-            else:
-                y = linear(xi)
-            outs.append(_activate(y, act).reshape(-1))
+            outs.append(_activate(linear(xi), act).reshape(-1))
         return mx.concatenate(outs) if len(outs) > 1 else outs[0]
-
-    def q4k_blocks(self) -> tuple[mx.array, mx.array] | None:
-        """The Q4_K blocks of all Q4_K segments, as uint32 words and as halves (the views a
-        Q4_K expansion kernel reads), or None without Q4_K segments or a GPU kernel."""
-        if self.kernel is None or not self.has_q4k:
-            return None
-        words = self.wq[: self.q4k_words]
-        return words, mx.view(words, mx.float16)
 
     def split(self, y: mx.array, nt: int) -> list[mx.array]:
         """The (nt, rows_s) output of every segment, as views of the flat output."""
@@ -156,8 +138,6 @@ class ProjectionGroup:
                 table.append((rows, k, n_dense, base, y_base, ACTIVATIONS[s.act]))
                 n_dense += words.size
         # 8 words of padding: Metal passes inputs under 8 elements in `constant` memory
-        self.q4k_words = n_q4k
-        self.q4k_offsets = [row[2] if row[5] & Q4K_KIND else None for row in table]
         pad = mx.zeros((8,), mx.uint32)
         self.wd = mx.concatenate(dense + [pad])
         self.wq = mx.concatenate(q4k + [pad])

@@ -6,8 +6,7 @@ GPU (8): norm_mix (residual add + ln1 + the seven token-shift lerps); one groupe
 r, k, v and the four LoRA down-projections with their activations; one for the four LoRA
 up-projections; the fused WKV kernel (decay, value residual, recurrence, per-head norm, bonus,
 gate); the output projection; norm_mix (add + ln2 + lerp); the FFN key with its squared ReLU;
-the FFN value. In a Q4_K prefill the WKV scan launch also expands the layer's output and FFN
-weights and the next layer's r/k/v to dense ones for the matmuls (wkv7_expanding).
+the FFN value.
 """
 from __future__ import annotations
 
@@ -18,10 +17,10 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
-from .matvec import MAX_ROWS, ProjectionGroup
+from .matvec import ProjectionGroup
 from .norm_mix import norm_mix
 from .state import State
-from .wkv import wkv7_expanding
+from .wkv import wkv7
 
 # Row order of the token-shift mix vectors: the inputs of r, k, v, then of the four LoRAs
 # (w, a, v, g); x_v appears twice because both paths read it.
@@ -103,16 +102,13 @@ class RWKV7:
         att_x, wkv, ffn_x = [], [], []
         v_first = None
         nt = B * T  # activation rows of every projection
-        ready: dict[ProjectionGroup, mx.array] = {}  # Q4_K weights a WKV scan launch expanded
         for i, layer in enumerate(self.layers):
             x, h, xs = norm_mix(x, dx, layer.ln1, state.att_x[i], layer.att_mix)  # xs (7, B*T, C)
-            following = self.layers[i + 1].att_in if i + 1 < len(self.layers) else None
-            dx, v_first, s, ready = self._time_mix(layer, xs, state.wkv[i], v_first, (B, T), ready, following)
+            dx, v_first, s = self._time_mix(layer, xs, state.wkv[i], v_first, (B, T))
             att_x.append(h[:, -1, :])
             wkv.append(s)
             x, h, xk = norm_mix(x, dx, layer.ln2, state.ffn_x[i], layer.ffn_mix)  # xk (1, B*T, C)
-            hidden = layer.ffn_key(xk, nt, ready.get(layer.ffn_key))  # relu(x K)^2
-            dx = layer.ffn_value(hidden, nt, ready.get(layer.ffn_value)).reshape(x.shape)
+            dx = layer.ffn_value(layer.ffn_key(xk, nt), nt).reshape(x.shape)  # relu(x K)^2 V
             ffn_x.append(h[:, -1, :])
         x = x + dx
         if not all_logits:
@@ -122,22 +118,14 @@ class RWKV7:
         return logits.reshape(*x.shape[:2], -1), State(att_x, wkv, ffn_x)
 
     def _time_mix(self, layer: Layer, xs: mx.array, s: mx.array, v_first: mx.array | None,
-                  bt: tuple[int, int], ready: dict, following: ProjectionGroup | None):
-        """Returns the residual update, v_first, the new WKV state and the Q4_K weights that this
-        layer's scan launch expanded (prefill: its att_out and FFN, the following layer's r/k/v)."""
+                  bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:
         nt, C = bt[0] * bt[1], xs.shape[-1]
-        proj = layer.att_in(xs, nt, ready.get(layer.att_in))  # r, k, v (nt, C) each, then the LoRA hiddens
+        proj = layer.att_in(xs, nt)  # r, k, v (nt, C) each, then the four LoRA hiddens
         r, k, v = layer.att_in.split(proj, nt)[:3]
         lw, la, lv, g = layer.lora_up.split(layer.lora_up(proj, nt), nt)  # reads the hiddens
         r, k, v, g, lw, la, lv = (t.reshape(*bt, C) for t in (r, k, v, g, lw, la, lv))
-        candidates = (layer.att_out, layer.ffn_key, layer.ffn_value, following) if nt > MAX_ROWS else ()
-        riders = [(grp, blocks) for grp in candidates
-                  if grp is not None and (blocks := grp.q4k_blocks()) is not None]
-        y, s, expanded = wkv7_expanding(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, s,
-                                        [blocks for _, blocks in riders])
-        ready = {grp: e for (grp, _), e in zip(riders, expanded) if e is not None}
-        out = layer.att_out(y, nt, ready.get(layer.att_out)).reshape(*bt, C)
-        return out, v if v_first is None else v_first, s, ready
+        y, s = wkv7(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, s)
+        return layer.att_out(y, nt).reshape(*bt, C), v if v_first is None else v_first, s
 
     # -- input checks -------------------------------------------------------------------
     def _check_tokens(self, tokens: Sequence[int] | mx.array) -> tuple[mx.array, bool]:

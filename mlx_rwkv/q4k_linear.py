@@ -25,8 +25,7 @@ from mlx_rwkv.quant import BLOCK_BYTES, QK_K, SUB, Q4KTensor, unpack_scales
 
 GROUP, BITS = SUB, 4
 # wq / wh: the same blocks viewed as uint32 words and as halves (d, dmin readable as float)
-Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",),
-                         parts=("q4k_expand", "q4k_dequant"))
+Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",))
 
 
 def repack_q4k(weight: Q4KTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -77,8 +76,7 @@ class Q4KLinear:
         self.wq = words.reshape(self.shape[0], -1)  # (rows, K/256*36)
         self.wh = mx.view(words, mx.float16).reshape(self.shape[0], -1)  # (rows, K/256*72)
 
-    def __call__(self, x: mx.array, dense: mx.array | None = None) -> mx.array:
-        """y = x W^T; dense: W already expanded (GPU), instead of expanding it here."""
+    def __call__(self, x: mx.array) -> mx.array:
         rows, k = self.shape
         if x.shape[-1] != k:
             raise ValueError(f"Q4KLinear expects inputs [..., {k}], got {tuple(x.shape)}")
@@ -88,14 +86,14 @@ class Q4KLinear:
             y = mx.quantized_matmul(x2.astype(self.scales.dtype), self.wq, self.scales, self.biases,
                                     transpose=True, group_size=GROUP, bits=BITS).astype(x.dtype)
         else:
-            y = x2 @ (self._dense(x.dtype) if dense is None else dense).T
+            y = x2 @ self._dense(x.dtype).T
         return y.reshape(*lead, rows)
 
     def _dense(self, dtype: mx.Dtype) -> mx.array:
         rows, k = self.shape
-        threads = rows * k // 8  # 32 per super-block: one per 8 weights
+        threads = rows * k // 8  # one per 8 weights
         (w,) = self.kernel(
-            inputs=[self.wq, self.wh], template=[("TX", dtype), ("NB", rows * k // 256)],
+            inputs=[self.wq, self.wh], template=[("TX", dtype), ("ROWS", rows), ("K", k)],
             grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
             output_shapes=[(rows, k)], output_dtypes=[dtype])
         return w

@@ -25,14 +25,6 @@ WKV7_FUSED = KernelSpec(
 _SCAN_INPUTS = ("r", "k", "v", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
                 "state_in", "seq_len")
 WKV7_SCAN = KernelSpec(name="wkv7_scan", inputs=_SCAN_INPUTS, outputs=("y_raw", "bonus", "state_out"))
-# prefill with Q4_K weights: the scan launch also expands up to MAX_RIDERS Q4_K buffers
-MAX_RIDERS = 4
-WKV7_SCAN_EXPAND = KernelSpec(
-    name="wkv7_scan_expand",
-    inputs=_SCAN_INPUTS + tuple(f"{view}{i}" for i in range(MAX_RIDERS) for view in "qh"),
-    outputs=WKV7_SCAN.outputs + tuple(f"e{i}" for i in range(MAX_RIDERS)),
-    parts=("q4k_expand", "wkv7_scan_expand", "wkv7_scan"))
-Q4KBlocks = tuple[mx.array, mx.array]  # Q4_K blocks as uint32 words and as halves
 WKV7_FINISH = KernelSpec(name="wkv7_finish", inputs=("y_raw", "bonus", "g", "ln_w", "ln_b"),
                          outputs=("y",))
 
@@ -59,19 +51,7 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     params: fp32 (C,) vectors named in PARAM_NAMES; state: (B, H, N, N) fp32, S[b, h, v, k].
     Returns y (B, T, C) in the activation dtype, ready for the output projection, and the state.
     """
-    y, state, _ = wkv7_expanding(r, k, v, g, lw, la, lv, v_first, params, state, [])
-    return y, state
-
-
-def wkv7_expanding(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
-                   lv: mx.array, v_first: mx.array | None, params: dict[str, mx.array],
-                   state: mx.array, riders: list[Q4KBlocks]
-                   ) -> tuple[mx.array, mx.array, list[mx.array | None]]:
-    """wkv7, and up to MAX_RIDERS Q4_K buffers expanded to dense weights (flat, in block order,
-    activation dtype) by the same launch where the prefill scan kernel runs, else None each:
-    the scan leaves most of the GPU idle, so the expansion costs no time there."""
     B, T, C = r.shape
-    none = [None] * len(riders)
     N, lpr = state.shape[-1], FUSED_LANES_PER_ROW
     fits = N % lpr == 0 and N * lpr % SIMD_WIDTH == 0 and N * lpr <= 1024
     fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T and fits else None
@@ -84,14 +64,12 @@ def wkv7_expanding(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.ar
             template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr)],
             grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
             output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
-        return y, new_state, none
+        return y, new_state
     launch = scan_launch(*state.shape[:3])
-    if len(riders) > MAX_RIDERS:
-        raise ValueError(f"the scan launch expands at most {MAX_RIDERS} Q4_K buffers, got {len(riders)}")
-    scan = get_kernel(WKV7_SCAN_EXPAND if riders else WKV7_SCAN) if launch is not None else None
+    scan = get_kernel(WKV7_SCAN) if launch is not None else None
     if scan is not None:
-        return _scan_and_finish(scan, launch, r, k, v, g, lw, la, lv, v_first, params, state, riders)
-    return (*wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state), none)
+        return _scan_and_finish(scan, launch, r, k, v, g, lw, la, lv, v_first, params, state)
+    return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
 ScanLaunch = tuple[list[tuple[str, int]], int, int]  # layout template arguments, grid, threadgroup
@@ -113,33 +91,23 @@ def scan_launch(B: int, H: int, N: int) -> ScanLaunch | None:
 
 def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.array, v: mx.array, g: mx.array,
                      lw: mx.array, la: mx.array, lv: mx.array, v_first: mx.array | None,
-                     params: dict[str, mx.array], state: mx.array, riders: list[Q4KBlocks]
-                     ) -> tuple[mx.array, mx.array, list[mx.array]]:
+                     params: dict[str, mx.array], state: mx.array) -> tuple[mx.array, mx.array]:
     B, T, C = r.shape
     _, H, N, _ = state.shape
     first = v_first is None
     layout_template, grid, threads = launch
-    inputs = [r, k, v, lw, la, v if first else lv, v if first else v_first,
-              *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)]
-    template = [("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), *layout_template]
-    output_shapes = [r.shape, r.shape, state.shape]
-    if riders:  # each rider: 32 threads per super-block, in threadgroups past the scan's
-        blocks = [words.size // 36 for words, _ in riders] + [0] * (MAX_RIDERS - len(riders))
-        absent = (mx.zeros((36,), mx.uint32), mx.zeros((72,), mx.float16))
-        inputs += [view for views in riders + [absent] * (MAX_RIDERS - len(riders)) for view in views]
-        template += [("TG_SIZE", threads), ("SCAN_TGS", grid // threads),
-                     *((f"NB{i}", nb) for i, nb in enumerate(blocks))]
-        output_shapes += [(max(nb, 1) * 256,) for nb in blocks]
-        grid += -(-sum(blocks) * 32 // threads) * threads
-    y_raw, bonus, new_state, *expanded = scan(
-        inputs=inputs, template=template, grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
-        output_shapes=output_shapes, output_dtypes=[mx.float32] * 3 + [r.dtype] * (len(output_shapes) - 3))
+    y_raw, bonus, new_state = scan(
+        inputs=[r, k, v, lw, la, v if first else lv, v if first else v_first,
+                *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)],
+        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), *layout_template],
+        grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
+        output_shapes=[r.shape, r.shape, state.shape], output_dtypes=[mx.float32] * 3)
     (y,) = get_kernel(WKV7_FINISH)(
         inputs=[y_raw, bonus, g, params["ln_w"], params["ln_b"]],
         template=[("T", r.dtype), ("H", H), ("N", N)],
         grid=(B * T * H * SIMD_WIDTH, 1, 1), threadgroup=(SIMD_WIDTH, 1, 1),
         output_shapes=[r.shape], output_dtypes=[r.dtype])
-    return y, new_state, expanded[: len(riders)]
+    return y, new_state
 
 
 def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.array, mx.array]:

@@ -196,7 +196,7 @@ class EmulatedKernel:
             call.append(f"({C_TYPES[dt]}*)args[{len(inputs) + i}]")
         source = (PRELUDE + "\n".join(lines) + RUNNER.format(
             params="".join(", " + p for p in params), call="".join(", " + c for c in call),
-            source=kernels.body_source(self.spec)))
+            source=kernels.read_source(f"{self.spec.name}.inc")))
         lib = _library(source)
         threads = threadgroup[0]
         assert grid[0] % threads == 0, "grids count threads: a whole number of threadgroups"

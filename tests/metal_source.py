@@ -133,20 +133,6 @@ def _wkv7_scan_call(dtype: mx.Dtype) -> None:  # prefill: wkv7_scan + wkv7_finis
     wkv.wkv7(act, act, act, act, act, act, act, act, params, state)
 
 
-def _wkv7_scan_expand_call(dtype: mx.Dtype) -> None:  # Q4_K prefill: the scan expands riders
-    import numpy as np
-
-    from mlx_rwkv import wkv
-    from mlx_rwkv.quant import quantize_q4k
-
-    B, T, H, N = 1, wkv.FUSED_MAX_T + 1, 2, 64
-    act = mx.zeros((B, T, H * N), dtype=dtype)
-    params = {n: mx.zeros((H * N,)) for n in wkv.PARAM_NAMES}
-    words = mx.view(mx.array(quantize_q4k(np.zeros((4, 256), np.float32))).reshape(-1), mx.uint32)
-    wkv.wkv7_expanding(act, act, act, act, act, act, act, act, params, mx.zeros((B, H, N, N)),
-                       [(words, mx.view(words, mx.float16))] * 2)
-
-
 def _norm_mix_call(dtype: mx.Dtype) -> None:
     from mlx_rwkv.norm_mix import norm_mix
 
@@ -189,7 +175,6 @@ EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "wkv7": _wkv7_call,
     "wkv7_scan": _wkv7_scan_call,
     "wkv7_finish": _wkv7_scan_call,
-    "wkv7_scan_expand": _wkv7_scan_expand_call,
     "norm_mix": _norm_mix_call,
     "q4k_dequant": _q4k_call,
     "matvec": _matvec_call,
@@ -322,11 +307,11 @@ def full_metal_source(spec: KernelSpec, input_dtypes: Sequence[mx.Dtype],
     for i, attr in enumerate(attributes):
         src.append(attr + (") {\n" if i == len(attributes) - 1 else ",\n"))
     if line_markers:
-        inc = kernels.body_source(spec)
+        inc = kernels.read_source(f"{spec.name}.inc")
         prefix = body[: len(body) - len(inc)] if body.endswith(inc) else body
         src.append(prefix)
         if body.endswith(inc):
-            src += [f'#line 1 "metal_kernels/{f}"\n' + kernels.read_source(f) for f in spec.body_files]
+            src.append(f'#line 1 "metal_kernels/{spec.name}.inc"\n' + inc)
         src.append('\n#line 1 "<mlx instantiation>"')
     else:
         src.append(body)

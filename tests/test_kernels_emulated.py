@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated_kernels
-from mlx_rwkv import wkv
 from mlx_rwkv.matvec import ProjectionGroup
-from mlx_rwkv.quant import Q4KTensor, quantize_q4k
+from mlx_rwkv import wkv
 from mlx_rwkv.norm_mix import norm_mix
 from mlx_rwkv.wkv import wkv7
 from test_matvec_kernel import TOL, _segments
@@ -58,25 +57,6 @@ def test_wkv7(B, T, H, N, first):
         y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
     close(s, s_want, 1e-4)
     close(y, y_want, 1e-4)
-
-
-@pytest.mark.parametrize("n_riders", [1, 4])
-def test_scan_expands_q4k_riders(n_riders):
-    """The prefill scan launch expands Q4_K buffers of different sizes in its extra threadgroups
-    (blocks in order, the activation dtype) and still scans exactly like wkv7."""
-    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(1, 21, 2, 64, mx.float16, seed=4)
-    tensors = [Q4KTensor(quantize_q4k(RNG.standard_normal((rows, 256 * nb)).astype(np.float32)), (rows, 256 * nb))
-               for rows, nb in [(3, 2), (1, 1), (5, 3), (2, 4)][:n_riders]]
-    words = [mx.view(mx.array(t.blocks).reshape(-1), mx.uint32) for t in tensors]
-    y_want, s_want = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
-    with emulated_kernels():
-        y, s, expanded = wkv.wkv7_expanding(r, k, v, g, lw, la, lv, vf, params, state,
-                                            [(w, mx.view(w, mx.float16)) for w in words])
-    close(s, s_want, 1e-4)
-    close(y, y_want, TOL[mx.float16])
-    for t, e in zip(tensors, expanded, strict=True):
-        assert e.dtype == mx.float16
-        np.testing.assert_array_equal(np.array(e), t.dequantize().astype(np.float16).reshape(-1))
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])

@@ -71,21 +71,3 @@ def test_kernel_shapes_and_dequant_exact() -> None:
                                   dequantize_q4k(weight.blocks, weight.shape).view(np.uint32))
     x = mx.array(RNG.standard_normal((2, 3, 1024)).astype(np.float32))
     assert layer(x).shape == (2, 3, 300) and layer(x[0, 0]).shape == (300,)
-
-
-@pytest.mark.gpu
-def test_prefill_scan_expands_riders_exactly() -> None:
-    """Q4_K prefill: the WKV scan launch expands the layer's weights (1.5B shapes) bit for bit
-    like the dequant kernel, and scans exactly like the plain scan."""
-    from mlx_rwkv import wkv
-    from test_wkv_kernel import random_inputs
-
-    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(1, 64, 32, 64, mx.float16, seed=1)
-    layers = [Q4KLinear(_weight(rows, k)) for rows, k in [(2048, 2048), (8192, 2048), (2048, 8192), (6144, 2048)]]
-    y_want, s_want = wkv.wkv7(r, k, v, g, lw, la, lv, vf, params, state)
-    y, s, expanded = wkv.wkv7_expanding(r, k, v, g, lw, la, lv, vf, params, state,
-                                        [(layer.wq.reshape(-1), layer.wh.reshape(-1)) for layer in layers])
-    np.testing.assert_array_equal(np.array(y), np.array(y_want))
-    np.testing.assert_array_equal(np.array(s), np.array(s_want))
-    for layer, e in zip(layers, expanded, strict=True):
-        np.testing.assert_array_equal(np.array(e), np.array(layer._dense(mx.float16)).reshape(-1))
