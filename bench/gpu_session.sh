@@ -56,7 +56,7 @@ for step in "$@"; do
     scan) run bench_scan 120 python3 -m bench.bench_scan --shape 1.5B 0.1B --tokens 1024 --write ;;
     ncu-scan) run ncu_scan 120 bash -c "${ncu[*]} -k regex:wkv7 python3 -m bench.bench_scan --shape 1.5B --calls 2 \
                --repeats 2 > $out/scan.csv; python3 -m bench.kernel_times summarize --all $out/scan.csv" ;;
-    mlx) run bench_mlx 300 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 --decode-steps 64 \
+    mlx) run bench_mlx 540 python3 -m bench.bench_mlx --shape 1.5B 0.1B --precision f16 q4k --decode-steps 64 \
                --official --write ;;
     mlx-1.5b) run bench_mlx 150 python3 -m bench.bench_mlx --shape 1.5B --precision f16 --decode-steps 64 \
                --official --write ;;
