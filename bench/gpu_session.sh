@@ -48,6 +48,12 @@ for step in "$@"; do
                --section Occupancy --section LaunchStats --section SpeedOfLight -k regex:matvec --launch-count 2 \
                python3 -m bench.bench_q4k --shapes 4096x4096 --rows 1 --calls 1 --repeats 1 > $out/ncu_matvec.txt; \
                grep -E 'matvec|Duration|Registers Per|Achieved Occ|Stall|stall|cycles being' $out/ncu_matvec.txt | head -60" ;;
+    ncu-detail-decode) run ncu_detail_decode 120 bash -c "/usr/local/cuda/bin/ncu --section SpeedOfLight \
+               --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+               --section SourceCounters -k 'regex:wkv7|norm_mix' --launch-skip 3 --launch-count 3 \
+               python3 -m bench.kernel_times run decode --layers 2 > $out/ncu_detail_decode.txt; \
+               grep -E 'rwkv_|Duration|Achieved Occupancy|Registers Per|cycles being|Throughput' \
+               $out/ncu_detail_decode.txt | head -60" ;;
     ncu-decode-q4k) run ncu_decode_q4k 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
                > $out/decode_q4k.csv && python3 -m bench.kernel_times summarize $out/decode_q4k.csv" ;;
     ncu-detail) run ncu_detail 120 bash -c "${ncu_detail[*]} python3 -m bench.kernel_times run prefill --layers 2 \
