@@ -50,7 +50,7 @@ for step in "$@"; do
                grep -E 'matvec|Duration|Registers Per|Achieved Occ|Stall|stall|cycles being' $out/ncu_matvec.txt | head -60" ;;
     ncu-detail-decode) run ncu_detail_decode 120 bash -c "/usr/local/cuda/bin/ncu --section SpeedOfLight \
                --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-               --section SourceCounters -k 'regex:wkv7|norm_mix' --launch-skip 3 --launch-count 3 \
+               --section SourceCounters -k 'regex:wkv7|norm_mix' --launch-skip 5 --launch-count 5 \
                python3 -m bench.kernel_times run decode --layers 2 > $out/ncu_detail_decode.txt; \
                grep -E 'rwkv_|Duration|Achieved Occupancy|Registers Per|cycles being|Throughput' \
                $out/ncu_detail_decode.txt | head -60" ;;
