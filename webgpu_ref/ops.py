@@ -84,8 +84,8 @@ class Q4KMatvec:
 
     The default is the fastest form on the decode-sized matrices of the H100 sweep
     (bench_webgpu --mode kernel --q4k-variants all, 2026-11-25: 836 GB/s at 4096x4096 and 829
-    at 8192x2048, against 767 and 785 for the first form, ("bits", 32, 8)); 16 rows win only
-    on the 65536-row head (1,451 against 1,361)."""
+    at 8192x2048, against 767 and 785 for the first form, ("bits", 32, 8)); 16 rows win on the
+    65536-row head (1,451 against 1,361) and at 2048x8192 (762 against 746)."""
 
     decode: str = "f16pairs"  # nibbles to floats: "bits" one at a time as f32, "f16pairs" two at a time as f16
     cols: int = 32  # columns of each super-block an invocation takes: 32 (8 share a block) or 64 (4 do)
