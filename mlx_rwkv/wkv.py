@@ -1,11 +1,12 @@
 """The per-head part of the x070 time mix (WKV-7 recurrence, norm, bonus, gate).
 
 Three implementations of one computation:
-- `wkv7` kernel: everything in one launch, for decode (T <= FUSED_MAX_T; serial per token);
+- `wkv7` kernel: everything in one launch, for decode (T <= FUSED_MAX_T, head sizes a multiple
+  of 8 up to 64; serial per token);
 - `wkv7_scan` + `wkv7_finish` kernels, for prefill: the recurrence with the per-token vector
   math fused in (8 lanes per state row, head sizes 32 and 64), then GroupNorm, bonus and gate
   token-parallel;
-- `wkv7_reference`: pure MLX (the CPU path, prefill of other head sizes, the kernels' test oracle).
+- `wkv7_reference`: pure MLX (the CPU path, other head sizes, the kernels' test oracle).
 All keep the state and the decay in fp32.
 """
 from __future__ import annotations
@@ -32,6 +33,10 @@ DECAY_SCALE = 0.606531  # e^-0.5: w = exp(-e^-0.5 sigmoid(.)) keeps every decay 
 GROUP_NORM_EPS = 64e-5
 FUSED_MAX_T = 4  # above this, scan + finish win (the fused kernel is serial per token)
 FUSED_LANES_PER_ROW = 8  # fused kernel: lanes per state row (threadgroup: head size x 8 threads)
+# ... at most 512 of them: MLX builds CUDA kernels without launch bounds, and the fused kernel
+# takes 86 registers a thread at N = 64, 135 at N = 128 (nvcc sm_90), so a 1024-thread block
+# would need more than the 65,536 registers a CUDA block can have
+FUSED_MAX_THREADS = 512
 SIMD_WIDTH = 32  # lanes per SIMD-group (CUDA warp, Apple SIMD-group)
 # The scan's layout (metal_kernels/wkv7_scan.inc; the fastest of five measured on an H200, its header)
 SCAN_LANES_PER_ROW = 8  # lanes sharing a state row: 3 shuffle levels per sum, 4 rows per SIMD-group
@@ -53,7 +58,7 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     """
     B, T, C = r.shape
     N, lpr = state.shape[-1], FUSED_LANES_PER_ROW
-    fits = N % lpr == 0 and N * lpr % SIMD_WIDTH == 0 and N * lpr <= 1024
+    fits = N % lpr == 0 and N * lpr % SIMD_WIDTH == 0 and N * lpr <= FUSED_MAX_THREADS
     fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T and fits else None
     if fused is not None:
         H = state.shape[1]
@@ -111,8 +116,8 @@ def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.arra
 
 
 def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.array, mx.array]:
-    """Token-parallel MLX ops around a token-by-token recurrence (the CPU path; on a GPU, the
-    prefill of head sizes that wkv7_scan does not support)."""
+    """Token-parallel MLX ops around a token-by-token recurrence (the CPU path; on a GPU, head
+    sizes that the kernels do not support)."""
     B, T, C = r.shape
     _, H, N, _ = state.shape
     f32 = lambda x: x.astype(mx.float32).reshape(B, T, H, N)  # noqa: E731  (B, T, H, N)
