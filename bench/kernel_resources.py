@@ -1,4 +1,4 @@
-"""Registers, local memory and PTX size of the mat-vec kernel's CUDA instantiations, offline.
+"""Registers, local memory and PTX size of the mat-vec and WKV-7 scan CUDA builds, offline.
 
     python -m bench.kernel_resources [--nt 1 8] [--nr 2 4] [--qu 1 2] [--dtype half]
     python -m bench.kernel_resources --kernel wkv7_scan [--heads 32]
