@@ -35,7 +35,7 @@ MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
 # output rows per SIMD-group for one activation row / several: the activations a SIMD-group
 # loads serve all its rows, and with several tokens each weight (Q4_K: dequantized once) serves
 # every token, so more rows pay off there. H100 sweep: python -m bench.bench_q4k
-# (Q4_K at 8 tokens and 4 rows takes 231 of the 255 registers a thread may have: check
+# (Q4_K at 8 tokens and 4 rows takes 182 of the 255 registers a thread may have: check
 # `python -m bench.kernel_resources` before adding work to that branch.)
 ROWS_PER_SIMDGROUP = 2
 ROWS_PER_SIMDGROUP_MULTI = 4
