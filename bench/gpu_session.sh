@@ -20,10 +20,11 @@ run() {  # run NAME LIMIT_S CMD...: tee the filtered log to $out/NAME.log
 gpu_tests=(tests/test_wkv_kernel.py tests/test_matvec_kernel.py tests/test_q4k_kernel.py)
 pytest_gpu=(python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short --durations=5)
 ncu=(/usr/local/cuda/bin/ncu --csv --metrics gpu__time_duration.sum)
-# prefill's scan and norm_mix kernels in the measured pass (2 layers: 3 norm_mix + 2 scans per pass)
-ncu_detail=(/usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy --section LaunchStats
+# stall analysis (the ncu-matvec / ncu-detail / ncu-detail-decode steps); each adds its kernel filter
+ncu_stalls=(/usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy --section LaunchStats
             --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis
-            -k "'regex:wkv7_scan|norm_mix'" --launch-skip 5 --launch-count 5)
+            --section SourceCounters)
+stall_lines="'rwkv_|Duration|Achieved Occupancy|Registers Per|cycles being|Throughput'"
 kernel_shapes=(4096x4096 8192x2048 2048x8192 65536x2048)
 for step in "$@"; do
   case "$step" in
@@ -45,21 +46,19 @@ for step in "$@"; do
                run ncu_kernels_$shape 90 bash -c "${ncu[*]} python3 -m bench.bench_q4k --shapes $shape --rows 1 8 \
                --calls 4 --repeats 1 > $out/kernels_$shape.csv; python3 -m bench.kernel_times summarize --all \
                $out/kernels_$shape.csv"; done ;;
-    ncu-matvec) run ncu_matvec 90 bash -c "/usr/local/cuda/bin/ncu --section WarpStateStats --section SourceCounters \
-               --section Occupancy --section LaunchStats --section SpeedOfLight -k regex:matvec --launch-count 2 \
+    ncu-matvec) run ncu_matvec 90 bash -c "${ncu_stalls[*]} -k regex:matvec --launch-count 2 \
                python3 -m bench.bench_q4k --shapes 4096x4096 --rows 1 --calls 1 --repeats 1 > $out/ncu_matvec.txt; \
-               grep -E 'matvec|Duration|Registers Per|Achieved Occ|Stall|stall|cycles being' $out/ncu_matvec.txt | head -60" ;;
-    ncu-detail-decode) run ncu_detail_decode 120 bash -c "/usr/local/cuda/bin/ncu --section SpeedOfLight \
-               --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-               --section SourceCounters -k 'regex:wkv7|norm_mix' --launch-skip 5 --launch-count 5 \
-               python3 -m bench.kernel_times run decode --layers 2 > $out/ncu_detail_decode.txt; \
-               grep -E 'rwkv_|Duration|Achieved Occupancy|Registers Per|cycles being|Throughput' \
-               $out/ncu_detail_decode.txt | head -60" ;;
+               grep -E $stall_lines $out/ncu_matvec.txt | head -60" ;;
+    # decode with 2 layers: 3 norm_mix + 2 wkv7 launches per pass; the first pass warms up
+    ncu-detail-decode) run ncu_detail_decode 120 bash -c "${ncu_stalls[*]} -k 'regex:wkv7|norm_mix' \
+               --launch-skip 5 --launch-count 5 python3 -m bench.kernel_times run decode --layers 2 \
+               > $out/ncu_detail_decode.txt; grep -E $stall_lines $out/ncu_detail_decode.txt | head -60" ;;
     ncu-decode-q4k) run ncu_decode_q4k 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
                > $out/decode_q4k.csv && python3 -m bench.kernel_times summarize $out/decode_q4k.csv" ;;
-    ncu-detail) run ncu_detail 120 bash -c "${ncu_detail[*]} python3 -m bench.kernel_times run prefill --layers 2 \
-               > $out/ncu_detail.txt; grep -E 'rwkv_|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles' \
-               $out/ncu_detail.txt | head -80" ;;
+    # prefill with 2 layers: 3 norm_mix + 2 scans per pass; the first pass warms up
+    ncu-detail) run ncu_detail 120 bash -c "${ncu_stalls[*]} -k 'regex:wkv7_scan|norm_mix' --launch-skip 5 \
+               --launch-count 5 python3 -m bench.kernel_times run prefill --layers 2 > $out/ncu_detail.txt; \
+               grep -E $stall_lines $out/ncu_detail.txt | head -80" ;;
     scan) run bench_scan 120 python3 -m bench.bench_scan --shape 1.5B 0.1B --tokens 1024 --write ;;
     ncu-scan) run ncu_scan 120 bash -c "${ncu[*]} -k regex:wkv7 python3 -m bench.bench_scan --shape 1.5B --calls 2 \
                --repeats 2 > $out/scan.csv; python3 -m bench.kernel_times summarize --all $out/scan.csv" ;;
