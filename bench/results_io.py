@@ -85,8 +85,8 @@ def write_results(records: list[dict[str, Any]], command: str | None = None) -> 
     if doc.get("bandwidth_gb_s") is None:
         doc["bandwidth_gb_s"] = measure_bandwidth_gb_s()
     key = lambda r: tuple(r.get(f) for f in KEY_FIELDS)  # noqa: E731
-    fresh = {key(r) for r in records}
-    doc["records"] = [r for r in doc["records"] if key(r) not in fresh] + records
+    fresh = {key(r): r for r in records}  # within the batch too, the later record of a key wins
+    doc["records"] = [r for r in doc["records"] if key(r) not in fresh] + list(fresh.values())
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
