@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
 #     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-matvec ncu-decode ncu-decode-q4k
 #     ncu-detail ncu-detail-decode scan ncu-scan mlx mlx-1.5b graph-size q4k webgpu-kernel
-#     webgpu-kernel-sweep webgpu-q4k-decode webgpu)
+#     webgpu-kernel-sweep webgpu-q4k-decode webgpu-profile webgpu)
 # Each step has its own time limit so one 10-minute device call can hold several.
 set -uo pipefail
 source /root/gpu-env.sh
@@ -77,6 +77,8 @@ for step in "$@"; do
                --strategy one-submit --repeats 5 --write ;;  # records written after each shape, the head shape first
     webgpu-q4k-decode) run bench_webgpu_q4k 150 python3 -m bench.bench_webgpu --mode decode --shape 1.5B \
                --precision q4k --strategy one-submit --repeats 3 --write ;;
+    webgpu-profile) for t in 256 1024 1; do
+               run profile_webgpu_$t 120 python3 -m bench.profile_webgpu --shape 1.5B --tokens $t; done ;;
     webgpu) run bench_webgpu 300 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write ;;
     *) echo "unknown step $step" >&2 ;;
   esac

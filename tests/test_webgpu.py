@@ -89,7 +89,7 @@ def test_feature_fallbacks(gpu, f16, subgroups):
     """Packed-f16 weights without shader-f16, shared-memory sums without subgroups."""
     config = SMALL_CONFIGS["c128-h2"]
     weights = synthesize(config, seed=2)
-    tokens = tokens_for(config, 9)
+    tokens = tokens_for(config, 12)  # a chunk of 11: a full and a partial stage of the WKV scan
     model = WebGPUModel.from_weights(weights, config, f16=f16, subgroups=subgroups)
     assert (model.gpu.f16, model.gpu.subgroups) == (f16, subgroups)
     reference, _ = oracle_forward(f16_rounded(weights), config, tokens)
@@ -139,20 +139,57 @@ def test_q4k_matvec_matches_dequantized_weights(subgroups, form):
             mu_off += k
         x_off += 2 * k
         out_off += rows
+    got = run_linear(dev, items, xs, mus, out_off, 1, "q4k", q4k=form)
+    want = np.concatenate(expected)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def run_linear(dev, items: list[Linear], xs: list[np.ndarray], mus: list[np.ndarray], out_size: int, tokens: int,
+               fmt: str, **options) -> np.ndarray:
+    """One linear op over `items` (one batch) on `tokens` tokens; the output buffer starts at 1."""
     [batch] = upload(dev, items, dev.max_binding)
     device, usage = dev.device, wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
-    x = device.create_buffer_with_data(data=np.concatenate(xs), usage=usage)
-    vecs = device.create_buffer_with_data(data=np.concatenate(mus), usage=usage)
-    out = device.create_buffer_with_data(data=np.ones(out_off, np.float32), usage=usage)
-    step = device.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32), usage=wgpu.BufferUsage.UNIFORM)
-    op = ops.linear(dev, "q4k", "q4k", batch.groups, batch.buffer, x, vecs, out, step, False, q4k=form)
+    x = device.create_buffer_with_data(data=np.concatenate(xs).astype(np.float32), usage=usage)
+    vecs = device.create_buffer_with_data(data=np.concatenate([*mus, np.zeros(4, np.float32)]), usage=usage)
+    out = device.create_buffer_with_data(data=np.ones(out_size, np.float32), usage=usage)
+    step = device.create_buffer_with_data(data=np.array([tokens, 0, 0, 0], np.uint32), usage=wgpu.BufferUsage.UNIFORM)
+    op = ops.linear(dev, "linear", fmt, batch.groups, batch.buffer, x, vecs, out, step, tokens > 1, **options)
     encoder = device.create_command_encoder()
     compute_pass = encoder.begin_compute_pass()
-    ops.encode(compute_pass, [op], 1)
+    ops.encode(compute_pass, [op], tokens)
     compute_pass.end()
     device.queue.submit([encoder.finish()])
-    got = np.frombuffer(device.queue.read_buffer(out), np.float32)
-    want = np.concatenate(expected)
+    return np.frombuffer(device.queue.read_buffer(out), np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q4k"])
+def test_tiled_matmul_matches_numpy(gpu, fmt):
+    """The prefill matmul alone, several groups in one dispatch, on 100 tokens (a partial second
+    tile of 64): rows not a multiple of 64, K not a multiple of its 32-column step (f32), the
+    token shift across the whole chunk and the epilogues."""
+    rng = np.random.default_rng(6)
+    T = 100
+    shapes = ([(70, 48, "mix", "none"), (64, 272, None, "tanh"), (3, 16, "mix", "add")] if fmt == "f32" else
+              [(70, 256, "mix", "none"), (64, 512, None, "relu_sq"), (3, 256, "mix", "add")])
+    items, xs, mus, expected, x_off, mu_off, out_off = [], [], [], [], 0, 0, 0
+    for i, (rows, k, mix, act) in enumerate(shapes):
+        w = rng.standard_normal((rows, k), dtype=np.float32)
+        weight = Q4KTensor(quantize_q4k(w), (rows, k)) if fmt == "q4k" else w
+        dense = weight.dequantize() if fmt == "q4k" else w
+        x_rows = rng.standard_normal((T + 1, k), dtype=np.float32)  # row 0: the previous token
+        mu = rng.random(k, dtype=np.float32) if mix else None
+        inputs = x_rows[1:] if mu is None else x_rows[1:] + (x_rows[:-1] - x_rows[1:]) * mu
+        y = inputs.astype(np.float64) @ dense.astype(np.float64).T  # (T, rows)
+        expected.append({"none": y, "tanh": np.tanh(y), "add": 1.0 + y, "relu_sq": np.maximum(y, 0) ** 2}[act])
+        items.append(Linear(f"w{i}", to_matrix(weight, "f32"), x_off + k, mu_off if mix else None, out_off, act))
+        xs.append(x_rows.reshape(-1))
+        if mix:
+            mus.append(mu)
+            mu_off += k
+        x_off += (T + 1) * k
+        out_off += T * rows
+    got = run_linear(gpu, items, xs, mus, out_off, T, fmt)
+    want = np.concatenate([e.reshape(-1) for e in expected])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 

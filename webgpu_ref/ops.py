@@ -23,6 +23,7 @@ NO_MIX = 0xFFFFFFFF
 LINEAR_BINDINGS = ("uniform", "uniform", "read", "read", "read", "rw")  # p, step, w, x, vecs, out
 NORM_BINDINGS = ("uniform", "uniform", "read", "rw", "read", "rw")  # p, step, src, dst, vecs, state
 WKV_BINDINGS = ("uniform", "uniform", "read", "read", "read", "rw", "rw", "rw")
+WKV_CHUNK_BINDINGS = ("uniform", "uniform", "rw", "rw", "read", "rw", "rw", "rw")  # the passes write proj, mix
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Op:
     pipeline: wgpu.GPUComputePipeline
     bind_group: wgpu.GPUBindGroup
     grid: Callable[[int], tuple[int, int, int]]  # workgroups for a chunk of T tokens
+    macs: int = 0  # multiply-adds per token of a linear op's matrices (0 for other ops)
 
 
 def encode(compute_pass: wgpu.GPUComputePassEncoder, ops: Sequence[Op], tokens: int) -> None:
@@ -46,7 +48,7 @@ def flat_grid(n: int) -> tuple[int, int, int]:
 
 
 def make_op(gpu: GPU, kernel: Kernel, name: str, params: Sequence[int], buffers: Sequence[wgpu.GPUBuffer],
-            grid: Callable[[int], tuple[int, int, int]]) -> Op:
+            grid: Callable[[int], tuple[int, int, int]], macs: int = 0) -> Op:
     """An op with its own uniform params (u32 words) at binding 0 and `buffers` after it."""
     compute, layout = pipeline(gpu, kernel)
     words = np.zeros(max(4, -(-len(params) // 4) * 4), np.uint32)
@@ -55,7 +57,7 @@ def make_op(gpu: GPU, kernel: Kernel, name: str, params: Sequence[int], buffers:
     entries = [{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
                for i, b in enumerate([uniform, *buffers])]
     bind_group = gpu.device.create_bind_group(label=name, layout=layout, entries=entries)
-    return Op(name, compute, bind_group, grid)
+    return Op(name, compute, bind_group, grid, macs)
 
 
 # ---- linear ------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def linear(gpu: GPU, name: str, fmt: str, groups: Sequence[Group], weights: wgpu
         kernel = Kernel(("linear.wgsl", body), "main", LINEAR_BINDINGS, consts, fmt)
         blocks = sum(-(-g.m // rows) for g in groups)
         grid = lambda t: flat_grid(blocks)  # noqa: E731
-    return make_op(gpu, kernel, name, params, buffers, grid)
+    return make_op(gpu, kernel, name, params, buffers, grid, sum(g.m * g.k for g in groups))
 
 
 # ---- layer norm --------------------------------------------------------------------------------
@@ -175,9 +177,27 @@ class WkvVectors:
 
 def wkv7(gpu: GPU, name: str, n_head: int, head_size: int, t_max: int, state_off: int, layer0: bool,
          vectors: WkvVectors, proj: wgpu.GPUBuffer, mix: wgpu.GPUBuffer, vecs: wgpu.GPUBuffer,
-         v_first: wgpu.GPUBuffer, state: wgpu.GPUBuffer, out: wgpu.GPUBuffer, step: wgpu.GPUBuffer) -> Op:
-    """The fused time-mix core (decay, kk, v-residual, WKV-7 recurrence, GroupNorm, bonus, gate)."""
-    kernel = Kernel(("wkv7.wgsl",), "main", WKV_BINDINGS, (("WG", head_size), ("N", head_size)))
+         v_first: wgpu.GPUBuffer, state: wgpu.GPUBuffer, out: wgpu.GPUBuffer, step: wgpu.GPUBuffer,
+         many_tokens: bool) -> list[Op]:
+    """The time-mix core (decay, kk, v-residual, WKV-7 recurrence, GroupNorm, bonus, gate): one
+    fused dispatch for a token, or prep / scan / finish for a chunk (wkv7_chunk.wgsl; these
+    overwrite the projections in `proj` and `mix` with what they derive from them)."""
     params = [n_head * head_size, t_max, state_off, int(layer0), *astuple(vectors)]
-    return make_op(gpu, kernel, name, params, [step, proj, mix, vecs, v_first, state, out],
-                   lambda t: (n_head, 1, 1))
+    buffers = [step, proj, mix, vecs, v_first, state, out]
+    n = head_size
+    if not many_tokens:
+        kernel = Kernel(("wkv7_common.wgsl", "wkv7.wgsl"), "main", WKV_BINDINGS, (("WG", n), ("N", n)))
+        return [make_op(gpu, kernel, name, params, buffers, lambda t: (n_head, 1, 1))]
+    lanes = n // 16  # scan invocations per state row, 16 columns each
+    if n % 16 or lanes & (lanes - 1) or lanes > 8:
+        raise WebGPUError(f"{name}: the chunked WKV takes head sizes 16, 32, 64 or 128, not {n}")
+    files = ("wkv7_common.wgsl", "wkv7_chunk.wgsl")
+    per_token = lambda t: (n_head, t, 1)  # noqa: E731
+    return [
+        make_op(gpu, Kernel(files, "prep", WKV_CHUNK_BINDINGS, (("WG", n), ("N", n))), f"{name}.prep", params,
+                buffers, per_token),
+        make_op(gpu, Kernel(files, "scan", WKV_CHUNK_BINDINGS, (("WG", n * lanes), ("N", n))), f"{name}.scan", params,
+                buffers, lambda t: (n_head, 1, 1)),
+        make_op(gpu, Kernel(files, "finish", WKV_CHUNK_BINDINGS, (("WG", n), ("N", n))), f"{name}.finish", params,
+                buffers, per_token),
+    ]

@@ -20,3 +20,17 @@ fn sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
     workgroupBarrier();
     return total;
 }
+
+// The sum of `v` over each run of `lanes` consecutive invocations, returned to all of them.
+// Call in uniform control flow.
+fn lanes_sum(v: f32, lanes: u32, lane: Lane) -> f32 {
+    partial[lane.index].x = v;
+    workgroupBarrier();
+    let first = lane.index - lane.index % lanes;
+    var s = 0.0;
+    for (var m = 0u; m < lanes; m++) {
+        s += partial[first + m].x;
+    }
+    workgroupBarrier();
+    return s;
+}

@@ -24,3 +24,13 @@ fn sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
     workgroupBarrier();
     return total;
 }
+
+// The sum of `v` over each run of `lanes` consecutive invocations (a power of two no larger than
+// the subgroup), returned to all of them. Call in uniform control flow.
+fn lanes_sum(v: f32, lanes: u32, lane: Lane) -> f32 {
+    var s = v;
+    for (var m = 1u; m < lanes; m <<= 1u) {
+        s += subgroupShuffleXor(s, m);
+    }
+    return s;
+}

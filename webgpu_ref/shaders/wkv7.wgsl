@@ -1,27 +1,7 @@
-// The whole time-mix core of one layer after the projections, one workgroup of N invocations
-// per head; invocation i owns row i of the head's state S[value, key] (N fp32 in registers).
-// Per token, in order:
-//   decay w = exp(-e^-0.5 * sigmoid(w0 + w_lora)), a = sigmoid(a0 + a_lora)
-//   kk = L2-normalised k * k_k; k' = k * (1 + (a - 1) * k_a)
-//   layer 0: v_first = v; else v' = v + (v_first - v) * sigmoid(v0 + v_lora)
-//   S = S diag(w) + (S (-kk)) (kk * a)^T + v' k'^T;  y = S r
-//   y = GroupNorm(y) * ln_x.weight + ln_x.bias + (sum_head r * k' * r_k) * v';  out = y * g
-// State enters and leaves through `state`; between tokens it stays in registers.
-
-struct WkvParams {
-    c: u32,  // C
-    t_max: u32,  // rows per region of `proj` and `mix`
-    state: u32,  // first float of this layer's S (H, N, N) in `state`
-    layer0: u32,  // 1 on layer 0: store v_first instead of mixing with it
-    w0: u32,  // offsets of the per-layer vectors (C) in `vecs`
-    a0: u32,
-    v0: u32,
-    k_k: u32,
-    k_a: u32,
-    r_k: u32,
-    ln_w: u32,
-    ln_b: u32,
-}
+// The whole time-mix core of one layer (wkv7_common.wgsl) in one dispatch, one workgroup of N
+// invocations per head; invocation i owns row i of the head's state (N fp32). Tokens run one
+// after another inside the dispatch, which suits a decode step; chunks of several tokens take
+// the three passes of wkv7_chunk.wgsl, which keep the serial part small.
 
 @group(0) @binding(0) var<uniform> p: WkvParams;  // this layer's offsets
 @group(0) @binding(1) var<uniform> step: Step;  // T
@@ -31,10 +11,6 @@ struct WkvParams {
 @group(0) @binding(5) var<storage, read_write> v_first: array<f32>;  // (t_max, C)
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;  // S (H, N, N) fp32
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;  // (T, C)
-
-const DECAY_SCALE: f32 = 0.606531;  // exp(-0.5), as in the official code
-const GN_EPS: f32 = 64e-5;  // ln_x GroupNorm eps
-const L2_EPS: f32 = 1e-12;  // F.normalize eps
 
 var<workgroup> sr: array<f32, N>;  // r
 var<workgroup> sw: array<f32, N>;  // decay
