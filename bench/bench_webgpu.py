@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--per-op-steps", type=int, default=16, help="decode steps with a sync per op")
     ap.add_argument("--prefill-tokens", type=int, default=1024)
-    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per submit (the engine default is 512)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="merge the records into bench/results/")
     args = ap.parse_args(argv)

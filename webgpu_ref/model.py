@@ -70,7 +70,7 @@ class WebGPUModel:
     @classmethod
     def from_weights(cls, weights: Mapping[str, np.ndarray | Q4KTensor], config: ModelConfig,
                      dtype: str = "float16", quant: str | None = None, *, quant_head: bool = True,
-                     prefill_chunk: int = 128, max_binding: int | None = None,
+                     prefill_chunk: int = 512, max_binding: int | None = None,
                      f16: bool | None = None, subgroups: bool | None = None) -> "WebGPUModel":
         """A model from the canonical weight dict. dtype: "float16" | "float32" (matrices; activations
         and the WKV state are always fp32). quant="q4k" stores the Linear weights (and the head

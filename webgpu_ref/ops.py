@@ -23,6 +23,7 @@ NO_MIX = 0xFFFFFFFF
 LINEAR_BINDINGS = ("uniform", "uniform", "read", "read", "read", "rw")  # p, step, w, x, vecs, out
 NORM_BINDINGS = ("uniform", "uniform", "read", "rw", "read", "rw")  # p, step, src, dst, vecs, state
 WKV_BINDINGS = ("uniform", "uniform", "read", "read", "read", "rw", "rw", "rw")
+WORKGROUP_STORAGE = "max-compute-workgroup-storage-size"
 WKV_CHUNK_BINDINGS = ("uniform", "uniform", "rw", "rw", "read", "rw", "rw", "rw")  # the passes write proj, mix
 
 
@@ -191,13 +192,16 @@ def wkv7(gpu: GPU, name: str, n_head: int, head_size: int, t_max: int, state_off
     lanes = n // 16  # scan invocations per state row, 16 columns each
     if n % 16 or lanes & (lanes - 1) or lanes > 8:
         raise WebGPUError(f"{name}: the chunked WKV takes head sizes 16, 32, 64 or 128, not {n}")
-    files = ("wkv7_common.wgsl", "wkv7_chunk.wgsl")
+    # tokens the scan stages at a time: six f32 vectors of N per token, beside the reduction's
+    # vec4 per invocation, within the adapter's workgroup memory
+    workgroup_bytes = lambda stage: 24 * n * stage + 16 * n * lanes  # noqa: E731
+    stage = next((s for s in (16, 8, 4, 2, 1) if workgroup_bytes(s) <= gpu.limits[WORKGROUP_STORAGE]), 0)
+    if not stage:
+        raise WebGPUError(f"{name}: the WKV scan needs {workgroup_bytes(1):,} bytes of workgroup memory; this "
+                          f"adapter ({gpu.name}) allows {gpu.limits[WORKGROUP_STORAGE]:,}")
+    kernel = lambda entry, wg: Kernel(("wkv7_common.wgsl", "wkv7_chunk.wgsl"), entry, WKV_CHUNK_BINDINGS,  # noqa: E731
+                                      (("WG", wg), ("N", n), ("STAGE", stage)))
     per_token = lambda t: (n_head, t, 1)  # noqa: E731
-    return [
-        make_op(gpu, Kernel(files, "prep", WKV_CHUNK_BINDINGS, (("WG", n), ("N", n))), f"{name}.prep", params,
-                buffers, per_token),
-        make_op(gpu, Kernel(files, "scan", WKV_CHUNK_BINDINGS, (("WG", n * lanes), ("N", n))), f"{name}.scan", params,
-                buffers, lambda t: (n_head, 1, 1)),
-        make_op(gpu, Kernel(files, "finish", WKV_CHUNK_BINDINGS, (("WG", n), ("N", n))), f"{name}.finish", params,
-                buffers, per_token),
-    ]
+    return [make_op(gpu, kernel("prep", n), f"{name}.prep", params, buffers, per_token),
+            make_op(gpu, kernel("scan", n * lanes), f"{name}.scan", params, buffers, lambda t: (n_head, 1, 1)),
+            make_op(gpu, kernel("finish", n), f"{name}.finish", params, buffers, per_token)]

@@ -6,8 +6,9 @@
 //   finish  (head, token) workgroups of N: GroupNorm, bonus and gate, in place over y
 // In the scan, invocation (i, q) owns columns 16q .. 16q + 15 of state row i (L = N / 16
 // invocations per row, consecutive, so a row's sums are subgroup shuffles) in four vec4
-// registers. The per-token vectors of STAGE tokens are staged in workgroup memory at a time;
-// every invocation of a row reads the same words (broadcasts).
+// registers. The per-token vectors of STAGE tokens (a constant the host sets from the
+// workgroup-memory limit) are staged in workgroup memory at a time; every invocation of a row
+// reads the same words (broadcasts).
 
 @group(0) @binding(0) var<uniform> p: WkvParams;  // this layer's offsets
 @group(0) @binding(1) var<uniform> step: Step;  // T
@@ -20,7 +21,6 @@
 
 const L: u32 = N / 16u;  // scan invocations per state row
 const NV: u32 = N / 4u;  // vec4s per head vector
-const STAGE: u32 = 8u;  // tokens staged at a time
 const FIELDS: u32 = 5u;  // staged vectors per token: r, decay, k', -kk, kk a (then v' apart)
 
 var<workgroup> staged: array<array<vec4<f32>, NV>, FIELDS * STAGE>;  // [field * STAGE + token][column / 4]
@@ -47,19 +47,6 @@ fn prep(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     mix[2u * region + o] = kk_n * a;
 }
 
-// Field f of token t, channel c: where prep left it.
-fn field(f: u32, o: u32) -> f32 {
-    let region = p.t_max * p.c;
-    switch f {
-        case 0u: { return proj[o]; }  // r
-        case 1u: { return mix[o]; }  // decay
-        case 2u: { return proj[region + o]; }  // k'
-        case 3u: { return mix[region + o]; }  // -kk
-        case 4u: { return mix[2u * region + o]; }  // kk a
-        default: { return proj[2u * region + o]; }  // v'
-    }
-}
-
 @compute @workgroup_size(WG)  // WG = N * L
 fn scan(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     let T = step.t;
@@ -73,19 +60,32 @@ fn scan(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     var s3 = vec4<f32>(state[s_at + 12u], state[s_at + 13u], state[s_at + 14u], state[s_at + 15u]);
     for (var t0 = 0u; t0 < T; t0 += STAGE) {
         let n = min(STAGE, T - t0);
-        for (var e = lane.index; e < (FIELDS + 1u) * STAGE * N; e += WG) {
-            let f = e / (STAGE * N);
-            let tt = (e / N) % STAGE;
-            let j = e % N;
-            var value = 0.0;  // tokens past the chunk's end
+        // Invocation (tt0, j) stages channel j of tokens tt0, tt0 + L, ...: six independent loads
+        // per token, all in flight together.
+        let j = lane.index % N;
+        for (var tt = lane.index / N; tt < STAGE; tt += L) {
+            var r = 0.0;  // tokens past the chunk's end stage zeros
+            var w = 0.0;
+            var k = 0.0;
+            var na = 0.0;
+            var b = 0.0;
+            var v = 0.0;
             if tt < n {
-                value = field(f, (t0 + tt) * p.c + head + j);
+                let o = (t0 + tt) * p.c + head + j;
+                let region = p.t_max * p.c;
+                r = proj[o];
+                w = mix[o];
+                k = proj[region + o];
+                na = mix[region + o];
+                b = mix[2u * region + o];
+                v = proj[2u * region + o];
             }
-            if f < FIELDS {
-                staged[f * STAGE + tt][j / 4u][j % 4u] = value;
-            } else {
-                staged_v[tt][j] = value;
-            }
+            staged[tt][j / 4u][j % 4u] = r;
+            staged[STAGE + tt][j / 4u][j % 4u] = w;
+            staged[2u * STAGE + tt][j / 4u][j % 4u] = k;
+            staged[3u * STAGE + tt][j / 4u][j % 4u] = na;
+            staged[4u * STAGE + tt][j / 4u][j % 4u] = b;
+            staged_v[tt][j] = v;
         }
         workgroupBarrier();
         for (var tt = 0u; tt < n; tt++) {
