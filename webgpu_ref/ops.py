@@ -195,10 +195,12 @@ def wkv7(gpu: GPU, name: str, n_head: int, head_size: int, t_max: int, state_off
     # tokens the scan stages at a time: six f32 vectors of N per token, beside the reduction's
     # vec4 per invocation, within the adapter's workgroup memory
     workgroup_bytes = lambda stage: 24 * n * stage + 16 * n * lanes  # noqa: E731
-    stage = next((s for s in (16, 8, 4, 2, 1) if workgroup_bytes(s) <= gpu.limits[WORKGROUP_STORAGE]), 0)
+    # (a multiple of the lanes per row: each lane stages the same number of tokens)
+    limit = gpu.limits[WORKGROUP_STORAGE]
+    stage = next((s for s in (16, 8, 4, 2, 1) if s >= lanes and workgroup_bytes(s) <= limit), 0)
     if not stage:
-        raise WebGPUError(f"{name}: the WKV scan needs {workgroup_bytes(1):,} bytes of workgroup memory; this "
-                          f"adapter ({gpu.name}) allows {gpu.limits[WORKGROUP_STORAGE]:,}")
+        raise WebGPUError(f"{name}: the WKV scan needs {workgroup_bytes(lanes):,} bytes of workgroup memory; this "
+                          f"adapter ({gpu.name}) allows {limit:,}")
     kernel = lambda entry, wg: Kernel(("wkv7_common.wgsl", "wkv7_chunk.wgsl"), entry, WKV_CHUNK_BINDINGS,  # noqa: E731
                                       (("WG", wg), ("N", n), ("STAGE", stage)))
     per_token = lambda t: (n_head, t, 1)  # noqa: E731

@@ -13,7 +13,7 @@
 @group(0) @binding(0) var<uniform> p: WkvParams;  // this layer's offsets
 @group(0) @binding(1) var<uniform> step: Step;  // T
 @group(0) @binding(2) var<storage, read_write> proj: array<f32>;  // (3, t_max, C): r, k -> k', v -> v'
-@group(0) @binding(3) var<storage, read_write> mix: array<f32>;  // (4, t_max, C): w_lora -> decay, a_lora -> -kk, v_lora -> kk a, g
+@group(0) @binding(3) var<storage, read_write> mix: array<f32>;  // (4, t_max, C): w, a, v LoRA -> decay, -kk, kk a; g
 @group(0) @binding(4) var<storage, read> vecs: array<f32>;  // per-layer vectors (C) at the offsets in p
 @group(0) @binding(5) var<storage, read_write> v_first: array<f32>;  // (t_max, C)
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;  // S (H, N, N) fp32
@@ -61,9 +61,11 @@ fn scan(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     for (var t0 = 0u; t0 < T; t0 += STAGE) {
         let n = min(STAGE, T - t0);
         // Invocation (tt0, j) stages channel j of tokens tt0, tt0 + L, ...: six independent loads
-        // per token, all in flight together.
+        // per token, and a trip count the compiler knows, so that it can unroll the loop and
+        // put every load in flight at once.
         let j = lane.index % N;
-        for (var tt = lane.index / N; tt < STAGE; tt += L) {
+        for (var u = 0u; u < STAGE / L; u++) {
+            let tt = lane.index / N + u * L;
             var r = 0.0;  // tokens past the chunk's end stage zeros
             var w = 0.0;
             var k = 0.0;
