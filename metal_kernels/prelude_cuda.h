@@ -18,6 +18,11 @@ DEVICE_FN float rwkv_warp_sum(float v) {
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const uint4*)(ptr)))
 #define AS_FLOAT(u) __uint_as_float(u)
+#define AS_UINT(f) __float_as_uint(f)
+// Raw 16-byte stores, and the fp16 bits of a float (round to nearest even) in the low half
+#define STORE_U4(ptr, v) (*((uint4*)(ptr)) = (v))
+#define MAKE_UINT4(x, y, z, w) make_uint4((x), (y), (z), (w))
+#define F16_BITS(f) uint(__half_as_ushort(__float2half_rn(f)))
 #define HALF2_TO_FLOAT2(u) rwkv_half2_to_float2(u)
 // BYTE_F(word, i): 0.5 + b / 256 as a float for byte i of word, b < 128 (b in bits 16..23 of 0.5)
 #define BYTE_F(word, i) __uint_as_float(__byte_perm((word), 0x3F000000u, 0x7044u | ((i) << 8)))

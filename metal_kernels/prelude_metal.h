@@ -11,6 +11,11 @@
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const device uint4*)(ptr)))
 #define AS_FLOAT(u) as_type<float>(uint(u))
+#define AS_UINT(f) as_type<uint>(float(f))
+// Raw 16-byte stores, and the fp16 bits of a float (round to nearest even) in the low half
+#define STORE_U4(ptr, v) (*((device uint4*)(ptr)) = (v))
+#define MAKE_UINT4(x, y, z, w) uint4((x), (y), (z), (w))
+#define F16_BITS(f) uint(as_type<ushort>(half(f)))
 #define HALF2_TO_FLOAT2(u) float2(as_type<half2>(uint(u)))
 // BYTE_F(word, i): 0.5 + b / 256 as a float for byte i of word, b < 128 (b in bits 16..23 of 0.5)
 #define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))

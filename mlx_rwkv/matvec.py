@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .kernels import KernelSpec, get_kernel
-from .quant import Q4KTensor
+from .quant import BLOCK_WORDS, QK_K, Q4KTensor
 
 if TYPE_CHECKING:
     from .q4k_linear import Q4KLinear
@@ -92,7 +92,7 @@ class ProjectionGroup:
             self.linears = [_linear(s.weight, dtype) for s in segments]
         # materialize now: a lazy weight captured by the compiled decode step would be
         # recomputed (re-packed) on every step
-        mx.eval([vars(layer) for layer in self.linears], self.__dict__)
+        mx.eval([vars(layer) for layer in self.linears if layer is not None], self.__dict__)
 
     @property
     def rows(self) -> int:
@@ -111,7 +111,7 @@ class ProjectionGroup:
             return y
         flat = x.reshape(-1)
         outs = []
-        for linear, (_, k), act, base in zip(self.linears, self.shapes, self.acts, self.x_bases):
+        for linear, (_, k), act, base in zip(self._matmul_layers(x.dtype), self.shapes, self.acts, self.x_bases):
             xi = flat[nt * base: nt * (base + k)].reshape(nt, k)
             outs.append(_activate(linear(xi), act).reshape(-1))
         return mx.concatenate(outs) if len(outs) > 1 else outs[0]
@@ -142,16 +142,30 @@ class ProjectionGroup:
         self.wd = mx.concatenate(dense + [pad])
         self.wq = mx.concatenate(q4k + [pad])
         self.table = mx.array(np.array(table, np.int32).reshape(-1))
-        self.linears = [self._view(*row[:3], row[5]) for row in table]
+        self.q4k_words = n_q4k
+        # matmul layers: dense segments as views of the packed buffer (no copy); the Q4_K ones
+        # (None here) come from one expansion of all their blocks per call (_matmul_layers)
+        self.linears = [None if kind & Q4K_KIND else self._dense_view(rows, k, off)
+                        for rows, k, off, _, _, kind in table]
+        self.q4k_segments = [(i, rows, k, off // BLOCK_WORDS * QK_K)
+                             for i, (rows, k, off, _, _, kind) in enumerate(table) if kind & Q4K_KIND]
 
-    def _view(self, rows: int, k: int, off: int, kind: int) -> "Dense | Q4KLinear":
-        """A segment as a matmul layer over a view of the packed buffers (no copy)."""
-        if kind & Q4K_KIND:
-            from .q4k_linear import Q4KLinear
-
-            return Q4KLinear.from_words(self.wq[off: off + rows * k // 256 * 36], (rows, k))
+    def _dense_view(self, rows: int, k: int, off: int) -> Dense:
         words = rows * k * (4 if self.dtype == mx.float32 else 2) // 4
         return Dense(mx.view(self.wd[off: off + words], self.dtype).reshape(rows, k))
+
+    def _matmul_layers(self, dtype: mx.Dtype) -> list["Dense | Q4KLinear"]:
+        """The segments as matmul layers (prefill, CPU). On the GPU all Q4_K segments are
+        expanded to `dtype` in one launch and multiplied as dense views of the expansion."""
+        if self.kernel is None or not self.q4k_segments:
+            return self.linears
+        from .q4k_linear import expand_q4k
+
+        expanded = expand_q4k(self.wq[: self.q4k_words], dtype)
+        layers = list(self.linears)
+        for i, rows, k, start in self.q4k_segments:
+            layers[i] = Dense(expanded[start: start + rows * k].reshape(rows, k))
+        return layers
 
 
 def kernel_template(x_dtype: mx.Dtype, w_dtype: mx.Dtype, nt: int, n_segments: int,

@@ -1,8 +1,10 @@
 """A Q4_K linear layer for MLX: y = x @ W.T with W stored as llama.cpp Q4_K blocks.
 
-On a GPU backend (Metal, CUDA) the blocks stay as they are: `metal_kernels/q4k_dequant.inc`
-expands the whole matrix for each call, then MLX's matmul runs (prefill is compute-bound). Decode does not come
-here: `matvec.ProjectionGroup` reads the blocks directly in its grouped mat-vec kernel.
+On a GPU backend (Metal, CUDA) the blocks stay as they are: `expand_q4k`
+(`metal_kernels/q4k_dequant.inc`) expands the whole matrix for each call, then MLX's matmul
+runs (prefill is compute-bound). Decode does not come here: `matvec.ProjectionGroup` reads the
+blocks directly in its grouped mat-vec kernel, and expands all of a group's Q4_K matrices in
+one `expand_q4k` launch for prefill.
 
 On CPU (no custom kernels) the layer uses the fallback: every Q4_K sub-block of 32 weights is
 an affine 4-bit group w = (d*sc) * q - (dmin*m), exactly MLX's `mx.quantize(bits=4,
@@ -21,11 +23,27 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_rwkv.kernels import KernelSpec, get_kernel
-from mlx_rwkv.quant import BLOCK_BYTES, QK_K, SUB, Q4KTensor, unpack_scales
+from mlx_rwkv.quant import BLOCK_BYTES, BLOCK_WORDS, QK_K, SUB, Q4KTensor, unpack_scales
 
 GROUP, BITS = SUB, 4
 # wq / wh: the same blocks viewed as uint32 words and as halves (d, dmin readable as float)
 Q4K_DEQUANT = KernelSpec(name="q4k_dequant", inputs=("wq", "wh"), outputs=("w",))
+_OUTPUT_FORMAT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}  # OFMT of q4k_dequant.inc
+
+
+def expand_q4k(words: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Q4_K blocks on the GPU (uint32 words, 36 per block; blocks of several matrices may follow
+    each other) -> their weights, flat (blocks * 256,) in `dtype`, in one kernel launch."""
+    kernel = get_kernel(Q4K_DEQUANT)
+    if kernel is None:
+        raise RuntimeError("expand_q4k needs a GPU backend (Metal or CUDA)")
+    blocks = words.size // BLOCK_WORDS
+    per_word = 1 if dtype == mx.float32 else 2  # weights per output word
+    (w,) = kernel(
+        inputs=[words, mx.view(words, mx.float16)], template=[("OFMT", _OUTPUT_FORMAT[dtype]), ("BLOCKS", blocks)],
+        grid=(-(-blocks * 32 // 256) * 256, 1, 1), threadgroup=(256, 1, 1),  # 32 threads per block
+        output_shapes=[(blocks * QK_K // per_word,)], output_dtypes=[mx.uint32])
+    return mx.view(w, dtype)
 
 
 def repack_q4k(weight: Q4KTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,28 +71,14 @@ class Q4KLinear:
 
     def __init__(self, weight: Q4KTensor, scale_dtype: mx.Dtype = mx.float32) -> None:
         self.shape = weight.shape
-        self.kernel = get_kernel(Q4K_DEQUANT)
-        if self.kernel is not None:
-            self._use_words(mx.view(mx.array(weight.blocks).reshape(-1), mx.uint32))
+        self.on_gpu = get_kernel(Q4K_DEQUANT) is not None
+        if self.on_gpu:
+            self.words = mx.view(mx.array(weight.blocks).reshape(-1), mx.uint32)
         else:
             wq, scales, biases = repack_q4k(weight)
             self.wq = mx.array(wq)
             self.scales = mx.array(scales).astype(scale_dtype)
             self.biases = mx.array(biases).astype(scale_dtype)
-
-    @classmethod
-    def from_words(cls, words: mx.array, shape: tuple[int, int]) -> "Q4KLinear":
-        """A GPU layer over Q4_K blocks already on the device as uint32 words (a view is fine)."""
-        layer = cls.__new__(cls)
-        layer.shape = shape
-        layer.kernel = get_kernel(Q4K_DEQUANT)
-        layer._use_words(words)
-        return layer
-
-    def _use_words(self, words: mx.array) -> None:
-        """The kernel's two views of the blocks: uint32 words and halves (d, dmin as float)."""
-        self.wq = words.reshape(self.shape[0], -1)  # (rows, K/256*36)
-        self.wh = mx.view(words, mx.float16).reshape(self.shape[0], -1)  # (rows, K/256*72)
 
     def __call__(self, x: mx.array) -> mx.array:
         rows, k = self.shape
@@ -82,24 +86,18 @@ class Q4KLinear:
             raise ValueError(f"Q4KLinear expects inputs [..., {k}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)  # 2-D: quantized_matmul fails on 1-D input on CUDA
-        if self.kernel is None:
+        if self.on_gpu:
+            y = x2 @ self._dense(x.dtype).T
+        else:
             y = mx.quantized_matmul(x2.astype(self.scales.dtype), self.wq, self.scales, self.biases,
                                     transpose=True, group_size=GROUP, bits=BITS).astype(x.dtype)
-        else:
-            y = x2 @ self._dense(x.dtype).T
         return y.reshape(*lead, rows)
 
     def _dense(self, dtype: mx.Dtype) -> mx.array:
-        rows, k = self.shape
-        threads = rows * k // 8  # one per 8 weights
-        (w,) = self.kernel(
-            inputs=[self.wq, self.wh], template=[("TX", dtype), ("ROWS", rows), ("K", k)],
-            grid=(-(-threads // 256) * 256, 1, 1), threadgroup=(256, 1, 1),
-            output_shapes=[(rows, k)], output_dtypes=[dtype])
-        return w
+        return expand_q4k(self.words, dtype).reshape(self.shape)
 
     def dequantize(self) -> mx.array:
         """The weights [rows, K] as this layer uses them, float32 (for tests)."""
-        if self.kernel is not None:
+        if self.on_gpu:
             return self._dense(mx.float32)
         return mx.dequantize(self.wq, self.scales, self.biases, group_size=GROUP, bits=BITS)

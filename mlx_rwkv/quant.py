@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # mlx_rwkv.checkpoint is imported lazily: its loader may disp
 
 QK_K = 256  # weights per super-block
 BLOCK_BYTES = 144  # 2 + 2 + 12 + 128
+BLOCK_WORDS = BLOCK_BYTES // 4  # a super-block as uint32 words (the GPU kernels' view)
 SUB = 32  # weights per sub-block
 _CHUNK_SUBBLOCKS = 8192  # 256K weights (1 MiB of fp32) per work item: stays in cache
 

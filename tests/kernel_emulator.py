@@ -91,12 +91,18 @@ static float emu_shuffle_xor(float v, uint mask) {
   emu_warps[w].wait();
   return got;
 }
-static int emu_misaligned = 0;  // a 16-byte load from an address that is not 16-byte aligned
+static int emu_misaligned = 0;  // a 16-byte load or store at an address that is not 16-byte aligned
 static inline uint4 emu_load_u4(const void* p) {
   emu_misaligned |= (reinterpret_cast<unsigned long>(p) % 16) != 0;
   uint4 q; std::memcpy(&q, p, 16); return q;
 }
 static inline float emu_as_float(uint u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint emu_as_uint(float f) { uint u; std::memcpy(&u, &f, 4); return u; }
+static inline void emu_store_u4(void* p, uint4 v) {
+  emu_misaligned |= (reinterpret_cast<unsigned long>(p) % 16) != 0;
+  std::memcpy(p, &v, 16);
+}
+static inline uint emu_f16_bits(float f) { _Float16 h = (_Float16)f; unsigned short b; std::memcpy(&b, &h, 2); return b; }
 static inline float2 emu_half2(uint u) {
   _Float16 h[2]; std::memcpy(h, &u, 4); return float2{float(h[0]), float(h[1])};
 }
@@ -109,6 +115,10 @@ static inline float2 emu_half2(uint u) {
 #define MAKE_FLOAT4(x, y, z, w) (float4{(x), (y), (z), (w)})
 #define LOAD_U4(ptr) emu_load_u4((const void*)(ptr))
 #define AS_FLOAT(u) emu_as_float(uint(u))
+#define AS_UINT(f) emu_as_uint(float(f))
+#define STORE_U4(ptr, v) emu_store_u4((void*)(ptr), (v))
+#define MAKE_UINT4(x, y, z, w) (uint4{(x), (y), (z), (w)})
+#define F16_BITS(f) emu_f16_bits(float(f))
 #define HALF2_TO_FLOAT2(u) emu_half2(uint(u))
 #define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))
 """

@@ -61,9 +61,10 @@ def test_wkv7(B, T, H, N, first):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("q4k", [False, True])
-@pytest.mark.parametrize("nt", [1, 3, 8])
+@pytest.mark.parametrize("nt", [1, 3, 8, 9])
 def test_matvec(dtype, q4k, nt):
-    """Mixed segments: odd row counts (rows of a SIMD-group past the segment's end), tanh/sigmoid/relu2."""
+    """Mixed segments: odd row counts (rows of a SIMD-group past the segment's end), tanh/sigmoid/relu2.
+    nt = 9 is the matmul path, whose Q4_K segments come from one expansion of all their blocks."""
     shapes = [(5, 512), (3, 256), (33, 512), (2, 64)]
     acts, bases = ["none", "tanh", "relu2", "sigmoid"], [0, 512, 768, 1280]
     segments, _ = _segments(shapes, acts, q4k, bases)
@@ -74,6 +75,24 @@ def test_matvec(dtype, q4k, nt):
         assert group.kernel is not None
         got = group(x, nt)
     close(got, want, 1e-4 if q4k and dtype == mx.float32 else TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_expand_q4k_matches_dequantize(dtype):
+    """The expansion kernel over the blocks of two matrices one after another: float32 equal to
+    dequantize_q4k bit for bit, fp16 / bf16 its round-to-nearest-even."""
+    from mlx_rwkv.q4k_linear import expand_q4k
+    from mlx_rwkv.quant import dequantize_q4k, quantize_q4k
+
+    mats = [RNG.standard_normal((3, 512)).astype(np.float32), RNG.standard_normal((5, 256)).astype(np.float32) * 40]
+    blocks = [quantize_q4k(m) for m in mats]
+    want = np.concatenate([dequantize_q4k(b, m.shape).reshape(-1) for b, m in zip(blocks, mats)])
+    words = mx.view(mx.array(np.concatenate([b.reshape(-1) for b in blocks])), mx.uint32)
+    with emulated_kernels():
+        got = expand_q4k(words, dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    rounded = mx.array(want).astype(dtype).astype(mx.float32)
+    np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(rounded))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
