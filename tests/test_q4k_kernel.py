@@ -48,7 +48,7 @@ SHAPES = [(2048, 2048), (2560, 2560), (4096, 4096), (8192, 2048), (2048, 8192), 
 def test_kernel_matches_dequantized_matmul(rows: int, k: int, t: int) -> None:
     weight = _weight(rows, k)
     layer = Q4KLinear(weight)
-    assert layer.kernel is not None
+    assert layer.on_gpu
     x = RNG.standard_normal((t, k)).astype(np.float32)
     ref = _reference(weight, x)
     scale = np.abs(ref).max()
