@@ -41,16 +41,10 @@ KERNEL_BYTES = 2e9  # weight bytes streamed per kernel measurement (sets the dis
 L2_DEFEAT_BYTES = 256 * 2**20  # kernel mode cycles through this many bytes of weight copies at least
 
 
-def q4k_form(precision: str) -> ops.Q4KMatvec:
-    """The Q4_K mat-vec of a precision label: q4k (the exact default) or q4k-int8 (int8 inputs)."""
-    return ops.Q4KMatvec("int8") if precision == "q4k-int8" else ops.Q4KMatvec()
-
-
 def build(weights: dict, config: ModelConfig, precision: str, chunk: int) -> WebGPUModel:
-    if precision.startswith("q4k"):
+    if precision == "q4k":
         weights = quantize_model(weights, progress=False)
-    return WebGPUModel.from_weights(weights, config, dtype="float16", prefill_chunk=chunk,
-                                    q4k_matvec=q4k_form(precision))
+    return WebGPUModel.from_weights(weights, config, dtype="float16", prefill_chunk=chunk)
 
 
 def time_decode(model: WebGPUModel, steps: int, repeats: int) -> list[float]:
@@ -83,7 +77,7 @@ def kernel_copies(gpu: GPU, rows: int, k: int, precision: str) -> tuple[list[lis
     """Enough copies of one random [rows, K] matrix in distinct buffers to span L2_DEFEAT_BYTES
     (each in several batches if it exceeds a binding), and the bytes of one copy."""
     w = (np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32) * 0.02).astype(np.float16)
-    weight = Q4KTensor(quantize_q4k(w), (rows, k)) if precision.startswith("q4k") else w
+    weight = Q4KTensor(quantize_q4k(w), (rows, k)) if precision == "q4k" else w
     matrix = to_matrix(weight, "f16")
     copies = [upload(gpu, [Linear(f"w{c}", matrix, 0, None, 0)], gpu.max_binding)
               for c in range(-(-L2_DEFEAT_BYTES // matrix.data.nbytes))]
@@ -144,7 +138,7 @@ def parse_kernel_shape(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["0.1B"])
-    ap.add_argument("--precision", nargs="+", default=["f16", "q4k"], choices=["f16", "q4k", "q4k-int8"])
+    ap.add_argument("--precision", nargs="+", default=["f16", "q4k"], choices=["f16", "q4k"])
     modes = ["kernel", "decode", "prefill"]
     ap.add_argument("--mode", nargs="+", default=modes, choices=modes)
     ap.add_argument("--strategy", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
@@ -181,12 +175,12 @@ def main(argv: list[str] | None = None) -> None:
             for text in args.kernel_shapes or ["4096x4096", f"{config.vocab_size}x{config.n_embd}"]:
                 rows, k = parse_kernel_shape(text)
                 for precision in args.precision:
-                    if precision.startswith("q4k") and k % 256:
+                    if precision == "q4k" and k % 256:
                         print(f"kernel  {rows}x{k}: no Q4_K (K must be a multiple of 256)")
                         continue
                     copies, nbytes = kernel_copies(gpu, rows, k, precision)
                     sweep = precision == "q4k" and bool(q4k_forms)
-                    for form in q4k_forms if sweep else [q4k_form(precision)]:
+                    for form in q4k_forms if sweep else [ops.Q4KMatvec()]:
                         name = form.label if sweep else precision
                         matvecs = kernel_ops(gpu, copies, rows, k, form)
                         for strategy in args.strategy:
@@ -203,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         weights = synthesize(config, seed=0, dtype=np.float16)
         for precision in args.precision:
-            if precision.startswith("q4k") and config.n_embd % 256:
+            if precision == "q4k" and config.n_embd % 256:
                 print(f"{label}: no Q4_K (C must be a multiple of 256)")
                 continue
             model = build(weights, config, precision, args.prefill_chunk)

@@ -38,8 +38,8 @@ class WebGPUModel:
     """An RWKV-7 model on a wgpu device. Build with `load` or `from_weights`."""
 
     def __init__(self, gpu: GPU, config: ModelConfig, weights: Mapping[str, np.ndarray | Q4KTensor], fmt: str,
-                 prefill_chunk: int, max_binding: int | None, q4k_matvec: ops.Q4KMatvec) -> None:
-        self.gpu, self.config, self.fmt, self.q4k_matvec = gpu, config, fmt, q4k_matvec
+                 prefill_chunk: int, max_binding: int | None) -> None:
+        self.gpu, self.config, self.fmt = gpu, config, fmt
         self.limit = min(gpu.max_binding, max_binding or gpu.max_binding)
         self.per_op_sync = False  # True: submit and wait after every op (the sync experiment)
         self.ranks = {"w": config.d_decay, "a": config.d_aaa, "v": config.d_mv, "g": config.d_gate}
@@ -71,22 +71,19 @@ class WebGPUModel:
     def from_weights(cls, weights: Mapping[str, np.ndarray | Q4KTensor], config: ModelConfig,
                      dtype: str = "float16", quant: str | None = None, *, quant_head: bool = True,
                      prefill_chunk: int = 512, max_binding: int | None = None,
-                     f16: bool | None = None, subgroups: bool | None = None,
-                     q4k_matvec: ops.Q4KMatvec = ops.Q4KMatvec()) -> "WebGPUModel":
+                     f16: bool | None = None, subgroups: bool | None = None) -> "WebGPUModel":
         """A model from the canonical weight dict. dtype: "float16" | "float32" (matrices; activations
         and the WKV state are always fp32). quant="q4k" stores the Linear weights (and the head
         unless quant_head=False) as Q4_K; Q4KTensor values in `weights` are used as they are.
         max_binding lowers the per-binding byte limit (to test splitting); f16 / subgroups force
-        the shader features on (True) or off (False) instead of using what the adapter has.
-        q4k_matvec: the form of the one-token Q4_K mat-vec; Q4KMatvec("int8") trades exactness
-        (int8-rounded inputs) for speed."""
+        the shader features on (True) or off (False) instead of using what the adapter has."""
         if dtype not in FORMATS:
             raise ValueError(f"dtype must be one of {', '.join(FORMATS)}, got {dtype!r}")
         if quant not in (None, "q4k"):
             raise ValueError(f"quant must be None or 'q4k', got {quant!r}")
         if quant == "q4k":
             weights = quantize_model(weights, include_head=quant_head, progress=False)
-        return cls(get_gpu(f16, subgroups), config, weights, FORMATS[dtype], prefill_chunk, max_binding, q4k_matvec)
+        return cls(get_gpu(f16, subgroups), config, weights, FORMATS[dtype], prefill_chunk, max_binding)
 
     def _chunk_size(self, prefill_chunk: int) -> int:
         """Tokens per submit: the chunk asked for, fewer if the widest scratch row would overflow a binding."""
@@ -168,7 +165,7 @@ class WebGPUModel:
     def _linear(self, name: str, batches: list, src: str, dst: str, many: bool) -> list[Op]:
         b = self.buffers
         return [ops.linear(self.gpu, f"{name}.{j}" if len(batches) > 1 else name, batch.fmt, batch.groups,
-                           batch.buffer, b[src], b["vecs"], b[dst], b["step"], many, q4k=self.q4k_matvec)
+                           batch.buffer, b[src], b["vecs"], b[dst], b["step"], many)
                 for j, batch in enumerate(batches)]
 
     def _norm(self, name: str, key: str, src: str, dst: str, **kw) -> Op:

@@ -90,22 +90,15 @@ class Q4KMatvec:
     at 8192x2048, against 767 and 785 for the first form, ("bits", 32, 8)); 16 rows win on the
     65536-row head (1,451 against 1,361) and at 2048x8192 (762 against 746)."""
 
-    decode: str = "f16pairs"  # nibbles to floats: "bits" one at a time as f32, "f16pairs" two at a time as
-    # f16; or "int8": the inputs quantized to int8 per 32 columns, nibbles multiplied as packed int8
-    # (matvec_q4k_i8.wgsl: approximate, relative error up to 1/254 per input; 32 columns only)
+    decode: str = "f16pairs"  # nibbles to floats: "bits" one at a time as f32, "f16pairs" two at a time as f16
     cols: int = 32  # columns of each super-block an invocation takes: 32 (8 share a block) or 64 (4 do)
     rows: int = 8  # rows per workgroup: 8 or 16
 
-    DECODES = ("bits", "f16pairs", "int8")  # DECODE_BITS, DECODE_F16_PAIRS, matvec_q4k_i8.wgsl
+    DECODES = ("bits", "f16pairs")  # DECODE_BITS, DECODE_F16_PAIRS
 
     def __post_init__(self) -> None:
-        if (self.decode not in self.DECODES or self.cols not in (32, 64) or self.rows not in (8, 16)
-                or (self.decode == "int8" and self.cols != 32)):
+        if self.decode not in self.DECODES or self.cols not in (32, 64) or self.rows not in (8, 16):
             raise ValueError(f"no Q4_K mat-vec form {self}")
-
-    @property
-    def shader(self) -> str:
-        return "matvec_q4k_i8.wgsl" if self.decode == "int8" else "matvec_q4k.wgsl"
 
     @property
     def label(self) -> str:
@@ -113,13 +106,10 @@ class Q4KMatvec:
         return f"q4k-{self.decode}-c{self.cols}-r{self.rows}"
 
     def consts(self) -> tuple[tuple[str, int], ...]:
-        if self.decode == "int8":
-            return (("ROWS", self.rows),)
         return ("ROWS", self.rows), ("SHARES", self.cols // 32), ("DECODE", self.DECODES.index(self.decode))
 
 
-Q4K_MATVECS = tuple(Q4KMatvec(d, c, r) for d in Q4KMatvec.DECODES for c in (32, 64) for r in (8, 16)
-                    if d != "int8" or c == 32)
+Q4K_MATVECS = tuple(Q4KMatvec(d, c, r) for d in Q4KMatvec.DECODES for c in (32, 64) for r in (8, 16))
 
 
 def _pow2_between(n: int, lo: int, hi: int) -> int:
@@ -146,7 +136,7 @@ def linear(gpu: GPU, name: str, fmt: str, groups: Sequence[Group], weights: wgpu
         per_invocation = q4k.cols if fmt == "q4k" else 8  # columns one invocation takes per step
         wg = _pow2_between(max(g.k for g in groups) // per_invocation, 32, 256)
         if fmt == "q4k":
-            body, consts, rows = q4k.shader, (("WG", wg), *q4k.consts()), q4k.rows
+            body, consts, rows = "matvec_q4k.wgsl", (("WG", wg), *q4k.consts()), q4k.rows
         else:
             body, consts, rows = "matvec.wgsl", (("WG", wg),), MATVEC_ROWS
         kernel = Kernel(("linear.wgsl", body), "main", LINEAR_BINDINGS, consts, fmt)
