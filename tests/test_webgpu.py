@@ -165,12 +165,12 @@ def run_linear(dev, items: list[Linear], xs: list[np.ndarray], mus: list[np.ndar
 @pytest.mark.parametrize("fmt", ["f32", "q4k"])
 def test_tiled_matmul_matches_numpy(gpu, fmt):
     """The prefill matmul alone, several groups in one dispatch, on 100 tokens (a partial second
-    tile of 64): rows not a multiple of 64, K not a multiple of its 32-column step (f32), the
-    token shift across the whole chunk and the epilogues."""
+    tile of 64): rows past one tile of 128 and fewer than one, the token shift across the whole
+    chunk and the epilogues."""
     rng = np.random.default_rng(6)
     T = 100
-    shapes = ([(70, 48, "mix", "none"), (64, 272, None, "tanh"), (3, 16, "mix", "add")] if fmt == "f32" else
-              [(70, 256, "mix", "none"), (64, 512, None, "relu_sq"), (3, 256, "mix", "add")])
+    shapes = ([(130, 48, "mix", "none"), (64, 272, None, "tanh"), (3, 16, "mix", "add")] if fmt == "f32" else
+              [(130, 256, "mix", "none"), (64, 512, None, "relu_sq"), (3, 256, "mix", "add")])
     items, xs, mus, expected, x_off, mu_off, out_off = [], [], [], [], 0, 0, 0
     for i, (rows, k, mix, act) in enumerate(shapes):
         w = rng.standard_normal((rows, k), dtype=np.float32)

@@ -16,7 +16,7 @@ from .kernels import Kernel, pipeline
 
 MAX_GROUPS = 8  # groups per linear op (LinearParams.groups in linear.wgsl)
 MATVEC_ROWS = 8  # rows per workgroup of the f16/f32 mat-vec (ROWS in matvec.wgsl)
-TILE = 64  # rows and tokens per workgroup of the tiled matmul
+TILE_ROWS, TILE_TOKENS = 64, 64  # rows and tokens per workgroup of the tiled matmul
 GRID_X = 65535  # WebGPU's default max workgroups per dimension; more spill into y
 ACTS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu_sq": 3, "add": 4}  # ACT_* in prelude.wgsl
 NO_MIX = 0xFFFFFFFF
@@ -130,8 +130,8 @@ def linear(gpu: GPU, name: str, fmt: str, groups: Sequence[Group], weights: wgpu
     params += [0] * 8 * (MAX_GROUPS - len(groups))  # the uniform is bound at its full struct size
     buffers = [step, weights, src, vecs, dst]
     if many_tokens:
-        kernel = Kernel(("linear.wgsl", "matmul.wgsl"), "main", LINEAR_BINDINGS, (("WG", 256),), fmt)
-        grid = lambda t: flat_grid(sum(-(-g.m // TILE) for g in groups) * -(-t // TILE))  # noqa: E731
+        kernel = Kernel(("linear.wgsl", "matmul.wgsl"), "main", LINEAR_BINDINGS, (("WG", 128),), fmt)
+        grid = lambda t: flat_grid(sum(-(-g.m // TILE_ROWS) for g in groups) * -(-t // TILE_TOKENS))  # noqa: E731
     else:
         per_invocation = q4k.cols if fmt == "q4k" else 8  # columns one invocation takes per step
         wg = _pow2_between(max(g.k for g in groups) // per_invocation, 32, 256)

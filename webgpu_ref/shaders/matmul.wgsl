@@ -1,20 +1,22 @@
 // Tiled matmul for a chunk of T > 1 tokens (prefill), any weight format (load_w4).
-// A 256-invocation workgroup computes a 64 (rows) x 64 (tokens) tile of one group: invocation
-// (tx, ty) owns rows tx + 16i and tokens ty + 16j, i, j < 4, in four vec4 accumulators (one
-// per row i, its components the tokens j). Each step over TK = 32 columns stages the weights
+// A 128-invocation workgroup computes a 64 (rows) x 64 (tokens) tile of one group: invocation
+// (tx, ty) owns rows tx + 8i and tokens ty + 16j, i < 8, j < 4, in eight vec4 accumulators (one
+// per row i, its components the tokens j). Each step over TK = 16 columns stages the weights
 // and the token-shifted inputs in workgroup memory, packed so that one vec4 read gives an
-// invocation its 4 rows (or tokens): 2 reads per 16 multiply-adds. The next step's global
-// loads are issued before this step's multiply-adds, so their latency hides behind them.
+// invocation 4 of its rows (or its 4 tokens): 3 reads per 32 multiply-adds. The next step's
+// global loads are issued before this step's multiply-adds, so their latency hides behind them.
 // Everything per invocation is a named vector, not an array: drivers keep those in registers
 // (a dynamically indexed private array can land in slow local memory).
 
-const TILE: u32 = 64u;
-const TK: u32 = 32u;
+const TILE_ROWS: u32 = 64u;
+const TILE_TOKENS: u32 = 64u;
+const TK: u32 = 16u;
 
-var<workgroup> ws: array<array<vec4<f32>, 16>, TK>;  // ws[col][tx][i] = W[row0 + tx + 16i, k0 + col]
+var<workgroup> ws_lo: array<array<vec4<f32>, 8>, TK>;  // ws_lo[col][tx][i] = W[row0 + tx + 8i, k0 + col]
+var<workgroup> ws_hi: array<array<vec4<f32>, 8>, TK>;  // the same for rows row0 + 32 + tx + 8i
 var<workgroup> xs: array<array<vec4<f32>, 16>, TK>;  // xs[col][ty][j] = x[t0 + ty + 16j, k0 + col]
 
-// A loader's 8 columns: weights (w_lo, w_hi) of its row and inputs (x_lo, x_hi) of its token.
+// A loader's share of one step: 8 weights of its row, 8 inputs of its token.
 struct Stage {
     w_lo: vec4<f32>,
     w_hi: vec4<f32>,
@@ -22,40 +24,46 @@ struct Stage {
     x_hi: vec4<f32>,
 }
 
-// Columns col..col+7 of row `w_row` and token `x_tok`; columns at or past K read as zero.
-fn load_stage(g: Group, w_row: u32, x_tok: u32, col: u32) -> Stage {
-    var s = Stage(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    if col < g.k {
-        s.w_lo = load_w4(g.w_off, g.k, w_row, col);
-        s.x_lo = load_x4(g, x_tok, col);
-    }
-    if col + 4u < g.k {
-        s.w_hi = load_w4(g.w_off, g.k, w_row, col + 4u);
-        s.x_hi = load_x4(g, x_tok, col + 4u);
-    }
-    return s;
+// Columns k0 + c .. + 7 of row `w_row` and of token `x_tok` (K is a multiple of TK: ops.linear
+// checks).
+fn load_stage(g: Group, w_row: u32, x_tok: u32, k0: u32, c: u32) -> Stage {
+    return Stage(load_w4(g.w_off, g.k, w_row, k0 + c), load_w4(g.w_off, g.k, w_row, k0 + c + 4u),
+                 load_x4(g, x_tok, k0 + c), load_x4(g, x_tok, k0 + c + 4u));
 }
 
-// Writes a loader's stage for row (and token) slot `slot` at columns lc..lc+7 of the tile.
-fn put_stage(s: Stage, slot: u32, lc: u32) {
-    let a = slot % 16u;
-    let b = slot / 16u;
-    ws[lc][a][b] = s.w_lo.x;
-    ws[lc + 1u][a][b] = s.w_lo.y;
-    ws[lc + 2u][a][b] = s.w_lo.z;
-    ws[lc + 3u][a][b] = s.w_lo.w;
-    ws[lc + 4u][a][b] = s.w_hi.x;
-    ws[lc + 5u][a][b] = s.w_hi.y;
-    ws[lc + 6u][a][b] = s.w_hi.z;
-    ws[lc + 7u][a][b] = s.w_hi.w;
-    xs[lc][a][b] = s.x_lo.x;
-    xs[lc + 1u][a][b] = s.x_lo.y;
-    xs[lc + 2u][a][b] = s.x_lo.z;
-    xs[lc + 3u][a][b] = s.x_lo.w;
-    xs[lc + 4u][a][b] = s.x_hi.x;
-    xs[lc + 5u][a][b] = s.x_hi.y;
-    xs[lc + 6u][a][b] = s.x_hi.z;
-    xs[lc + 7u][a][b] = s.x_hi.w;
+// Writes columns c..c+7 of tile row (and token) `slot`.
+fn put_stage(s: Stage, slot: u32, c: u32) {
+    let a = slot % 8u;
+    let i = slot / 8u;  // rows tx + 8i: ws_lo for i < 4, ws_hi for the rest
+    if i < 4u {
+        ws_lo[c][a][i] = s.w_lo.x;
+        ws_lo[c + 1u][a][i] = s.w_lo.y;
+        ws_lo[c + 2u][a][i] = s.w_lo.z;
+        ws_lo[c + 3u][a][i] = s.w_lo.w;
+        ws_lo[c + 4u][a][i] = s.w_hi.x;
+        ws_lo[c + 5u][a][i] = s.w_hi.y;
+        ws_lo[c + 6u][a][i] = s.w_hi.z;
+        ws_lo[c + 7u][a][i] = s.w_hi.w;
+    } else {
+        ws_hi[c][a][i - 4u] = s.w_lo.x;
+        ws_hi[c + 1u][a][i - 4u] = s.w_lo.y;
+        ws_hi[c + 2u][a][i - 4u] = s.w_lo.z;
+        ws_hi[c + 3u][a][i - 4u] = s.w_lo.w;
+        ws_hi[c + 4u][a][i - 4u] = s.w_hi.x;
+        ws_hi[c + 5u][a][i - 4u] = s.w_hi.y;
+        ws_hi[c + 6u][a][i - 4u] = s.w_hi.z;
+        ws_hi[c + 7u][a][i - 4u] = s.w_hi.w;
+    }
+    let xa = slot % 16u;
+    let xb = slot / 16u;
+    xs[c][xa][xb] = s.x_lo.x;
+    xs[c + 1u][xa][xb] = s.x_lo.y;
+    xs[c + 2u][xa][xb] = s.x_lo.z;
+    xs[c + 3u][xa][xb] = s.x_lo.w;
+    xs[c + 4u][xa][xb] = s.x_hi.x;
+    xs[c + 5u][xa][xb] = s.x_hi.y;
+    xs[c + 6u][xa][xb] = s.x_hi.z;
+    xs[c + 7u][xa][xb] = s.x_hi.w;
 }
 
 // Row `row`, tokens t, t + 16, t + 32, t + 48 (the components of `acc`), where they exist.
@@ -68,48 +76,61 @@ fn store_tokens(g: Group, T: u32, row: u32, t: u32, acc: vec4<f32>) {
     }
 }
 
-@compute @workgroup_size(WG)  // WG = 256
+@compute @workgroup_size(WG)  // WG = 128
 fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let T = step.t;
-    let t_blocks = div_ceil(T, TILE);
-    let at = locate(flat_id(wid, nwg), TILE, t_blocks);
+    let t_blocks = div_ceil(T, TILE_TOKENS);
+    let at = locate(flat_id(wid, nwg), TILE_ROWS, t_blocks);
     if at.x >= p.n_groups {
         return;
     }
     let g = p.groups[at.x];
-    let row0 = (at.y / t_blocks) * TILE;
-    let t0 = (at.y % t_blocks) * TILE;
-    let tx = lane.index % 16u;
-    let ty = lane.index / 16u;
-    // Loader: invocation i fetches columns lc..lc+7 of tile row (and token) slot. Consecutive
+    let row0 = (at.y / t_blocks) * TILE_ROWS;
+    let t0 = (at.y % t_blocks) * TILE_TOKENS;
+    let tx = lane.index % 8u;
+    let ty = lane.index / 8u;
+    // Loader: invocation i fetches columns c..c+7 of tile row (and token) slot. Consecutive
     // invocations take consecutive slots, so their workgroup-memory writes spread over the banks.
-    let slot = lane.index % TILE;
-    let lc = 8u * (lane.index / TILE);
+    let slot = lane.index % 64u;
+    let c = 8u * (lane.index / 64u);
     let w_row = min(row0 + slot, g.m - 1u);  // rows / tokens past the end repeat the last one
     let x_tok = min(t0 + slot, T - 1u);
     var acc0 = vec4<f32>(0.0);  // row tx, tokens ty + 16j
-    var acc1 = vec4<f32>(0.0);  // row tx + 16
-    var acc2 = vec4<f32>(0.0);  // row tx + 32
-    var acc3 = vec4<f32>(0.0);  // row tx + 48
-    var next = load_stage(g, w_row, x_tok, lc);
+    var acc1 = vec4<f32>(0.0);  // row tx + 8
+    var acc2 = vec4<f32>(0.0);  // row tx + 16
+    var acc3 = vec4<f32>(0.0);  // row tx + 24
+    var acc4 = vec4<f32>(0.0);  // row tx + 32
+    var acc5 = vec4<f32>(0.0);  // row tx + 40
+    var acc6 = vec4<f32>(0.0);  // row tx + 48
+    var acc7 = vec4<f32>(0.0);  // row tx + 56
+    var next = load_stage(g, w_row, x_tok, 0u, c);
     for (var k0 = 0u; k0 < g.k; k0 += TK) {
-        put_stage(next, slot, lc);
+        put_stage(next, slot, c);
         workgroupBarrier();
         if k0 + TK < g.k {
-            next = load_stage(g, w_row, x_tok, k0 + TK + lc);
+            next = load_stage(g, w_row, x_tok, k0 + TK, c);
         }
         for (var kk = 0u; kk < TK; kk++) {
-            let a = ws[kk][tx];
+            let a = ws_lo[kk][tx];
+            let e = ws_hi[kk][tx];
             let b = xs[kk][ty];
             acc0 += a.x * b;
             acc1 += a.y * b;
             acc2 += a.z * b;
             acc3 += a.w * b;
+            acc4 += e.x * b;
+            acc5 += e.y * b;
+            acc6 += e.z * b;
+            acc7 += e.w * b;
         }
         workgroupBarrier();
     }
     store_tokens(g, T, row0 + tx, t0 + ty, acc0);
-    store_tokens(g, T, row0 + tx + 16u, t0 + ty, acc1);
-    store_tokens(g, T, row0 + tx + 32u, t0 + ty, acc2);
-    store_tokens(g, T, row0 + tx + 48u, t0 + ty, acc3);
+    store_tokens(g, T, row0 + tx + 8u, t0 + ty, acc1);
+    store_tokens(g, T, row0 + tx + 16u, t0 + ty, acc2);
+    store_tokens(g, T, row0 + tx + 24u, t0 + ty, acc3);
+    store_tokens(g, T, row0 + tx + 32u, t0 + ty, acc4);
+    store_tokens(g, T, row0 + tx + 40u, t0 + ty, acc5);
+    store_tokens(g, T, row0 + tx + 48u, t0 + ty, acc6);
+    store_tokens(g, T, row0 + tx + 56u, t0 + ty, acc7);
 }
