@@ -67,16 +67,17 @@ def main(argv: list[str] | None = None) -> None:
     config = config_for_shape(args.shape, **({"n_layer": args.layers} if args.layers else {}))
     model = build(synthesize(config, seed=0), config, args.precision, args.tokens)
     ids = np.random.default_rng(0).integers(1, config.vocab_size, args.tokens)
-    model.forward(ids)  # compiles the pipelines and leaves this chunk's inputs in the buffers
+    model.forward(ids)  # compiles the pipelines and sets this chunk's length and embeddings
     many = args.tokens > 1
-    op_list = model.op_list("body", many) + model.op_list("head", False)  # the last token's logits
+    body, head = model.op_list("body", many), model.op_list("head", False)  # the last token's logits
+    op_list = body + head
     seconds, floor = time_ops(model, op_list, args.tokens, args.repeats)
 
     per_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-    for op, s in zip(op_list, seconds):
+    for i, (op, s) in enumerate(zip(op_list, seconds)):
         entry = per_kind[op_kind(op.name)]
         entry[0] += s
-        entry[1] += 2.0 * op.macs * args.tokens
+        entry[1] += 2.0 * op.macs * (args.tokens if i < len(body) else 1)
         entry[2] += 1
     total = sum(seconds)
     print(f"{model.gpu.name}: {args.shape} {args.precision}, {config.n_layer} layers, T={args.tokens}; "

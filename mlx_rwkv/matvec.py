@@ -155,8 +155,9 @@ class ProjectionGroup:
         return Dense(mx.view(self.wd[off: off + words], self.dtype).reshape(rows, k))
 
     def _matmul_layers(self, dtype: mx.Dtype) -> list["Dense | Q4KLinear"]:
-        """The segments as matmul layers (prefill, CPU). On the GPU all Q4_K segments are
-        expanded to `dtype` in one launch and multiplied as dense views of the expansion."""
+        """The segments as matmul layers (more than MAX_ROWS activation rows, or no kernel). With
+        the kernel all Q4_K segments are expanded to `dtype` in one launch and multiplied as
+        dense views of the expansion."""
         if self.kernel is None or not self.q4k_segments:
             return self.linears
         from .q4k_linear import expand_q4k

@@ -215,7 +215,7 @@ class EmulatedKernel:
         arrays = ins + outs
         args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
         flags = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
-        assert not flags & 1, f"{self.spec.name}: a 16-byte load from an unaligned address"
+        assert not flags & 1, f"{self.spec.name}: a 16-byte load or store at an unaligned address"
         assert not flags & 2, f"{self.spec.name}: a shuffle from a lane past a partial SIMD-group"
         return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
                 for o, dt in zip(outs, output_dtypes)]

@@ -89,7 +89,7 @@ def test_feature_fallbacks(gpu, f16, subgroups):
     """Packed-f16 weights without shader-f16, shared-memory sums without subgroups."""
     config = SMALL_CONFIGS["c128-h2"]
     weights = synthesize(config, seed=2)
-    tokens = tokens_for(config, 12)  # a chunk of 11: a full and a partial stage of the WKV scan
+    tokens = tokens_for(config, 12)
     model = WebGPUModel.from_weights(weights, config, f16=f16, subgroups=subgroups)
     assert (model.gpu.f16, model.gpu.subgroups) == (f16, subgroups)
     reference, _ = oracle_forward(f16_rounded(weights), config, tokens)
@@ -165,7 +165,7 @@ def run_linear(dev, items: list[Linear], xs: list[np.ndarray], mus: list[np.ndar
 @pytest.mark.parametrize("fmt", ["f32", "q4k"])
 def test_tiled_matmul_matches_numpy(gpu, fmt):
     """The prefill matmul alone, several groups in one dispatch, on 100 tokens (a partial second
-    tile of 64): rows past one tile of 128 and fewer than one, the token shift across the whole
+    tile of 64): rows past two 64-row tiles and fewer than one, the token shift across the whole
     chunk and the epilogues."""
     rng = np.random.default_rng(6)
     T = 100
@@ -213,6 +213,43 @@ def test_loads_a_quantized_file(gpu, tmp_path):
 
 
 # ---- one pass, several ways -------------------------------------------------------------------
+
+@pytest.mark.parametrize("subgroups", [None, False], ids=["default", "shared-memory-sums"])
+@pytest.mark.parametrize("stage", [None, 8, 4], ids=["adapter-limit", "stage-8", "stage-4"])
+def test_chunked_wkv_over_many_stages(monkeypatch, subgroups, stage):
+    """A 45-token chunk through the WKV scan: several staged groups of tokens and a partial
+    last one, with the stage the adapter's workgroup memory allows (16 tokens on lavapipe) and
+    smaller ones forced by a lower limit (six f32 vectors of 64 per token, plus a vec4 per
+    invocation for shared-memory sums)."""
+    dev = webgpu_device.get_gpu(subgroups=subgroups)
+    if stage:
+        reduction = 0 if dev.subgroups else 16 * 256
+        monkeypatch.setitem(dev.limits, "max-compute-workgroup-storage-size", 24 * 64 * stage + reduction)
+    config = SMALL_CONFIGS["c128-h2"]
+    weights = synthesize(config, seed=7)
+    tokens = tokens_for(config, 45)
+    reference, _ = oracle_forward(weights, config, tokens)
+    model = WebGPUModel.from_weights(weights, config, dtype="float32", prefill_chunk=64, subgroups=subgroups)
+    assert any(op.name.endswith(".scan") for op in model.op_list("body", True))
+    logits, _ = model.forward(tokens, all_logits=True)
+    assert max_err(logits, reference) < F32_TOL
+
+
+@pytest.mark.parametrize("head_size", [16, 32, 128])
+def test_other_head_sizes_match_oracle(gpu, head_size):
+    """Head sizes other than 64, prefill and decode: 16 and 32 run the chunked scan with
+    subgroup sums, 128 with shared-memory sums where workgroup memory allows (else the fused
+    kernel over the chunk)."""
+    config = ModelConfig(n_layer=2, n_embd=2 * head_size if head_size > 16 else 64, head_size=head_size,
+                         vocab_size=300, d_decay=16, d_aaa=16, d_mv=16, d_gate=32, d_ffn=256)
+    weights = synthesize(config, seed=8)
+    tokens = tokens_for(config, 21)
+    reference, _ = oracle_forward(weights, config, tokens)
+    model = WebGPUModel.from_weights(weights, config, dtype="float32")
+    logits, state = model.forward(tokens[:-1], all_logits=True)
+    assert max_err(logits, reference[:-1]) < F32_TOL
+    assert max_err(model.forward(tokens[-1:], state)[0], reference[-1]) < F32_TOL
+
 
 def test_prefill_equals_steps(gpu):
     config = SMALL_CONFIGS["c128-h2"]

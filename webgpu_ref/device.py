@@ -15,7 +15,7 @@ SUBGROUPS = "subgroup"
 RAISED_LIMITS = (
     "max-storage-buffer-binding-size", "max-buffer-size", "max-storage-buffers-per-shader-stage",
     "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
-    "max-compute-workgroups-per-dimension",
+    "max-compute-workgroup-size-x", "max-compute-workgroups-per-dimension",
 )
 
 

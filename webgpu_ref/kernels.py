@@ -27,6 +27,7 @@ class Kernel:
     bindings: tuple[str, ...]  # "uniform" | "read" | "rw" for binding 0, 1, ...
     consts: tuple[tuple[str, int], ...]  # e.g. (("WG", 256), ("N", 64)); WG is required
     weights: str | None = None  # "f16" | "f32" | "q4k" for the linear family
+    subgroup_sums: bool = True  # False: shared-memory sums even where the adapter has subgroups
 
     @property
     def workgroup_size(self) -> int:
@@ -45,7 +46,7 @@ def source(gpu: GPU, kernel: Kernel) -> str:
         parts.append("enable f16;")
     parts += [f"const {name}: u32 = {value}u;" for name, value in kernel.consts]
     parts.append(_read("prelude.wgsl"))
-    parts.append(_read("reduce_subgroup.wgsl" if gpu.subgroups else "reduce_shared.wgsl"))
+    parts.append(_read("reduce_subgroup.wgsl" if gpu.subgroups and kernel.subgroup_sums else "reduce_shared.wgsl"))
     if kernel.weights is not None:
         packed = kernel.weights == "f16" and not gpu.f16
         parts.append(_read("weights_f16_packed.wgsl" if packed else f"weights_{kernel.weights}.wgsl"))
@@ -57,7 +58,7 @@ def source(gpu: GPU, kernel: Kernel) -> str:
 def pipeline(gpu: GPU, kernel: Kernel) -> tuple[wgpu.GPUComputePipeline, wgpu.GPUBindGroupLayout]:
     """The compiled pipeline of `kernel` and the layout its bind groups must follow."""
     wg = kernel.workgroup_size
-    if not gpu.subgroups and wg & (wg - 1):
+    if not (gpu.subgroups and kernel.subgroup_sums) and wg & (wg - 1):
         raise ValueError(f"{kernel.entry}: the shared-memory reduction needs a power-of-two workgroup, got {wg}")
     device = gpu.device
     layout = device.create_bind_group_layout(entries=[

@@ -24,6 +24,8 @@ LINEAR_BINDINGS = ("uniform", "uniform", "read", "read", "read", "rw")  # p, ste
 NORM_BINDINGS = ("uniform", "uniform", "read", "rw", "read", "rw")  # p, step, src, dst, vecs, state
 WKV_BINDINGS = ("uniform", "uniform", "read", "read", "read", "rw", "rw", "rw")
 WORKGROUP_STORAGE = "max-compute-workgroup-storage-size"
+INVOCATIONS = "max-compute-invocations-per-workgroup"
+WORKGROUP_SIZE_X = "max-compute-workgroup-size-x"
 WKV_CHUNK_BINDINGS = ("uniform", "uniform", "rw", "rw", "read", "rw", "rw", "rw")  # the passes write proj, mix
 
 
@@ -186,24 +188,38 @@ def wkv7(gpu: GPU, name: str, n_head: int, head_size: int, t_max: int, state_off
     params = [n_head * head_size, t_max, state_off, int(layer0), *astuple(vectors)]
     buffers = [step, proj, mix, vecs, v_first, state, out]
     n = head_size
-    if not many_tokens:
+    scan = _scan_layout(gpu, n) if many_tokens else None
+    if scan is None:  # one token, or a head size / adapter the scan does not fit: token by token
         kernel = Kernel(("wkv7_common.wgsl", "wkv7.wgsl"), "main", WKV_BINDINGS, (("WG", n), ("N", n)))
         return [make_op(gpu, kernel, name, params, buffers, lambda t: (n_head, 1, 1))]
-    lanes = n // 16  # scan invocations per state row, 16 columns each
-    if n % 16 or lanes & (lanes - 1) or lanes > 8:
-        raise WebGPUError(f"{name}: the chunked WKV takes head sizes 16, 32, 64 or 128, not {n}")
-    # tokens the scan stages at a time: six f32 vectors of N per token, beside the reduction's
-    # vec4 per invocation, within the adapter's workgroup memory
-    workgroup_bytes = lambda stage: 24 * n * stage + 16 * n * lanes  # noqa: E731
-    # (a multiple of the lanes per row: each lane stages the same number of tokens)
-    limit = gpu.limits[WORKGROUP_STORAGE]
-    stage = next((s for s in (16, 8, 4, 2, 1) if s >= lanes and workgroup_bytes(s) <= limit), 0)
-    if not stage:
-        raise WebGPUError(f"{name}: the WKV scan needs {workgroup_bytes(lanes):,} bytes of workgroup memory; this "
-                          f"adapter ({gpu.name}) allows {limit:,}")
-    kernel = lambda entry, wg: Kernel(("wkv7_common.wgsl", "wkv7_chunk.wgsl"), entry, WKV_CHUNK_BINDINGS,  # noqa: E731
-                                      (("WG", wg), ("N", n), ("STAGE", stage)))
+    lanes, stage, subgroup_sums = scan
+    kernel = lambda entry, wg, sums=True: Kernel(  # noqa: E731
+        ("wkv7_common.wgsl", "wkv7_chunk.wgsl"), entry, WKV_CHUNK_BINDINGS,
+        (("WG", wg), ("N", n), ("STAGE", stage)), subgroup_sums=sums)
     per_token = lambda t: (n_head, t, 1)  # noqa: E731
     return [make_op(gpu, kernel("prep", n), f"{name}.prep", params, buffers, per_token),
-            make_op(gpu, kernel("scan", n * lanes), f"{name}.scan", params, buffers, lambda t: (n_head, 1, 1)),
+            make_op(gpu, kernel("scan", n * lanes, subgroup_sums), f"{name}.scan", params, buffers,
+                    lambda t: (n_head, 1, 1)),
             make_op(gpu, kernel("finish", n), f"{name}.finish", params, buffers, per_token)]
+
+
+def _scan_layout(gpu: GPU, n: int) -> tuple[int, int, bool] | None:
+    """(invocations per state row, tokens staged at a time, subgroup row sums) of the chunked
+    WKV scan for head size n on this adapter, or None where it does not fit (the caller then
+    runs the fused one-token kernel over the chunk).
+
+    An invocation owns 16 columns of a state row. A row's sums are subgroup shuffles where the
+    row's invocations surely share a subgroup (WebGPU subgroups have at least 4 invocations),
+    else shared-memory sums, whose per-invocation vec4 then needs workgroup memory too. The
+    stage holds six f32 vectors of n per token and is a multiple of the row's invocations."""
+    lanes = n // 16
+    if n % 16 or lanes & (lanes - 1) or not lanes:
+        return None
+    invocations = n * lanes
+    if invocations > min(gpu.limits[INVOCATIONS], gpu.limits[WORKGROUP_SIZE_X]):
+        return None
+    subgroup_sums = gpu.subgroups and lanes <= 4
+    reduction = 0 if subgroup_sums else 16 * invocations
+    stage = next((s for s in (16, 8, 4, 2, 1)
+                  if s >= lanes and 24 * n * s + reduction <= gpu.limits[WORKGROUP_STORAGE]), 0)
+    return (lanes, stage, subgroup_sums) if stage else None

@@ -28,6 +28,9 @@ var<workgroup> staged_v: array<array<f32, N>, STAGE>;  // v' [token][row]
 
 @compute @workgroup_size(WG)  // WG = N
 fn prep(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    if wid.y >= step.t {
+        return;  // the whole workgroup: a grid for more tokens than this chunk has
+    }
     let c = wid.x * N + lane.index;
     let o = wid.y * p.c + c;  // token wid.y
     let region = p.t_max * p.c;
@@ -119,6 +122,9 @@ fn scan(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
 
 @compute @workgroup_size(WG)  // WG = N
 fn finish(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    if wid.y >= step.t {
+        return;  // the whole workgroup
+    }
     let c = wid.x * N + lane.index;
     let o = wid.y * p.c + c;
     let region = p.t_max * p.c;
