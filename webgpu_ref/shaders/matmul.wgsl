@@ -12,8 +12,8 @@ const TILE_ROWS: u32 = 64u;
 const TILE_TOKENS: u32 = 64u;
 const TK: u32 = 16u;
 
-var<workgroup> ws_lo: array<array<vec4<f32>, 8>, TK>;  // ws_lo[col][tx][i] = W[row0 + tx + 8i, k0 + col]
-var<workgroup> ws_hi: array<array<vec4<f32>, 8>, TK>;  // the same for rows row0 + 32 + tx + 8i
+// ws[col][h][tx][i] = W[row0 + tx + 8 (4h + i), k0 + col]: h = 0 holds rows tx + 8i, h = 1 the rest
+var<workgroup> ws: array<array<array<vec4<f32>, 8>, 2>, TK>;
 var<workgroup> xs: array<array<vec4<f32>, 16>, TK>;  // xs[col][ty][j] = x[t0 + ty + 16j, k0 + col]
 
 // A loader's share of one step: 8 weights of its row, 8 inputs of its token.
@@ -33,28 +33,18 @@ fn load_stage(g: Group, w_row: u32, x_tok: u32, k0: u32, c: u32) -> Stage {
 
 // Writes columns c..c+7 of tile row (and token) `slot`.
 fn put_stage(s: Stage, slot: u32, c: u32) {
-    let a = slot % 8u;
-    let i = slot / 8u;  // rows tx + 8i: ws_lo for i < 4, ws_hi for the rest
-    if i < 4u {
-        ws_lo[c][a][i] = s.w_lo.x;
-        ws_lo[c + 1u][a][i] = s.w_lo.y;
-        ws_lo[c + 2u][a][i] = s.w_lo.z;
-        ws_lo[c + 3u][a][i] = s.w_lo.w;
-        ws_lo[c + 4u][a][i] = s.w_hi.x;
-        ws_lo[c + 5u][a][i] = s.w_hi.y;
-        ws_lo[c + 6u][a][i] = s.w_hi.z;
-        ws_lo[c + 7u][a][i] = s.w_hi.w;
-    } else {
-        ws_hi[c][a][i - 4u] = s.w_lo.x;
-        ws_hi[c + 1u][a][i - 4u] = s.w_lo.y;
-        ws_hi[c + 2u][a][i - 4u] = s.w_lo.z;
-        ws_hi[c + 3u][a][i - 4u] = s.w_lo.w;
-        ws_hi[c + 4u][a][i - 4u] = s.w_hi.x;
-        ws_hi[c + 5u][a][i - 4u] = s.w_hi.y;
-        ws_hi[c + 6u][a][i - 4u] = s.w_hi.z;
-        ws_hi[c + 7u][a][i - 4u] = s.w_hi.w;
-    }
-    let xa = slot % 16u;
+    let a = slot % 8u;  // tile row tx + 8 (4h + i)
+    let h = slot / 32u;
+    let i = (slot / 8u) % 4u;
+    ws[c][h][a][i] = s.w_lo.x;
+    ws[c + 1u][h][a][i] = s.w_lo.y;
+    ws[c + 2u][h][a][i] = s.w_lo.z;
+    ws[c + 3u][h][a][i] = s.w_lo.w;
+    ws[c + 4u][h][a][i] = s.w_hi.x;
+    ws[c + 5u][h][a][i] = s.w_hi.y;
+    ws[c + 6u][h][a][i] = s.w_hi.z;
+    ws[c + 7u][h][a][i] = s.w_hi.w;
+    let xa = slot % 16u;  // tile token xa + 16 xb
     let xb = slot / 16u;
     xs[c][xa][xb] = s.x_lo.x;
     xs[c + 1u][xa][xb] = s.x_lo.y;
@@ -111,8 +101,8 @@ fn main(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
             next = load_stage(g, w_row, x_tok, k0 + TK, c);
         }
         for (var kk = 0u; kk < TK; kk++) {
-            let a = ws_lo[kk][tx];
-            let e = ws_hi[kk][tx];
+            let a = ws[kk][0][tx];
+            let e = ws[kk][1][tx];
             let b = xs[kk][ty];
             acc0 += a.x * b;
             acc1 += a.y * b;
