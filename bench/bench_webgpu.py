@@ -95,32 +95,42 @@ def kernel_ops(gpu: GPU, copies: list[list[Batch]], rows: int, k: int, q4k: ops.
              for i, b in enumerate(batches)] for c, batches in enumerate(copies)]
 
 
+class SubmitTimer:
+    """`timer(op_list, tokens)`: seconds from submitting `op_list` in one compute pass (none
+    when empty) to its completion on the GPU; encoding is not timed."""
+
+    def __init__(self, gpu: GPU) -> None:
+        self.device = gpu.device
+        self.fence = self.device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        self.scratch = self.device.create_buffer(size=4, usage=wgpu.BufferUsage.COPY_SRC)
+
+    def __call__(self, op_list: list[ops.Op], tokens: int) -> float:
+        encoder = self.device.create_command_encoder()
+        if op_list:
+            compute_pass = encoder.begin_compute_pass()
+            ops.encode(compute_pass, op_list, tokens)
+            compute_pass.end()
+        encoder.copy_buffer_to_buffer(self.scratch, 0, self.fence, 0, 4)
+        buffers = [encoder.finish()]
+        start = time.perf_counter()
+        self.device.queue.submit(buffers)
+        self.fence.map_sync(wgpu.MapMode.READ)
+        self.fence.unmap()
+        return time.perf_counter() - start
+
+
 def time_kernel(gpu: GPU, copies: list[list[ops.Op]], nbytes: int, per_op: bool, repeats: int) -> list[float]:
     """GB/s of weights for one pass over one copy's ops, the copies taken in turn, n passes per
     submit (or one per submit)."""
-    device = gpu.device
     n = max(10, min(1000, int(KERNEL_BYTES / nbytes)))
     if per_op:
         n = max(5, n // 10)
-    fence = device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-    scratch = device.create_buffer(size=4, usage=wgpu.BufferUsage.COPY_SRC)
-
+    timed = SubmitTimer(gpu)
     turn = itertools.cycle(copies)  # across submits too: a copy comes back after all the others
 
     def submit_and_wait(passes: int) -> float:
         """Seconds from submit to completion of `passes` passes (encoding excluded)."""
-        encoder = device.create_command_encoder()
-        compute_pass = encoder.begin_compute_pass()
-        for _ in range(passes):
-            ops.encode(compute_pass, next(turn), 1)
-        compute_pass.end()
-        encoder.copy_buffer_to_buffer(scratch, 0, fence, 0, 4)
-        buffers = [encoder.finish()]
-        start = time.perf_counter()
-        device.queue.submit(buffers)
-        fence.map_sync(wgpu.MapMode.READ)
-        fence.unmap()
-        return time.perf_counter() - start
+        return timed([op for _ in range(passes) for op in next(turn)], 1)
 
     submit_and_wait(len(copies))  # warm-up
     rates = []

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import time
 from collections import defaultdict
 
 import numpy as np
-import wgpu
 
-from bench.bench_webgpu import build
+from bench.bench_webgpu import SubmitTimer, build
 from mlx_rwkv.config import config_for_shape
 from mlx_rwkv.synth import synthesize
 from webgpu_ref import WebGPUModel, ops
@@ -32,26 +30,9 @@ def op_kind(name: str) -> str:
 
 def time_ops(model: WebGPUModel, op_list: list[ops.Op], tokens: int, repeats: int) -> tuple[list[float], float]:
     """Median wall seconds per op (empty-submit floor subtracted) and that floor."""
-    device = model.gpu.device
-    fence = device.create_buffer(size=4, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-    scratch = device.create_buffer(size=4, usage=wgpu.BufferUsage.COPY_SRC)
-
-    def submit(chosen: list[ops.Op]) -> float:
-        encoder = device.create_command_encoder()
-        if chosen:
-            compute_pass = encoder.begin_compute_pass()
-            ops.encode(compute_pass, chosen, tokens)
-            compute_pass.end()
-        encoder.copy_buffer_to_buffer(scratch, 0, fence, 0, 4)
-        buffers = [encoder.finish()]
-        start = time.perf_counter()
-        device.queue.submit(buffers)
-        fence.map_sync(wgpu.MapMode.READ)
-        fence.unmap()
-        return time.perf_counter() - start
-
-    floor = statistics.median(submit([]) for _ in range(20))
-    samples = [[submit([op]) for op in op_list] for _ in range(repeats)]
+    submit = SubmitTimer(model.gpu)
+    floor = statistics.median(submit([], tokens) for _ in range(20))
+    samples = [[submit([op], tokens) for op in op_list] for _ in range(repeats)]
     return [max(0.0, statistics.median(s) - floor) for s in zip(*samples)], floor
 
 

@@ -29,6 +29,10 @@ class Kernel:
     weights: str | None = None  # "f16" | "f32" | "q4k" for the linear family
     subgroup_sums: bool = True  # False: shared-memory sums even where the adapter has subgroups
 
+    def sums_by_subgroup(self, gpu: GPU) -> bool:
+        """Whether this kernel's sums (reduce_*.wgsl) use subgroup operations on `gpu`."""
+        return gpu.subgroups and self.subgroup_sums
+
     @property
     def workgroup_size(self) -> int:
         return dict(self.consts)["WG"]
@@ -46,7 +50,7 @@ def source(gpu: GPU, kernel: Kernel) -> str:
         parts.append("enable f16;")
     parts += [f"const {name}: u32 = {value}u;" for name, value in kernel.consts]
     parts.append(_read("prelude.wgsl"))
-    parts.append(_read("reduce_subgroup.wgsl" if gpu.subgroups and kernel.subgroup_sums else "reduce_shared.wgsl"))
+    parts.append(_read("reduce_subgroup.wgsl" if kernel.sums_by_subgroup(gpu) else "reduce_shared.wgsl"))
     if kernel.weights is not None:
         packed = kernel.weights == "f16" and not gpu.f16
         parts.append(_read("weights_f16_packed.wgsl" if packed else f"weights_{kernel.weights}.wgsl"))
@@ -58,7 +62,7 @@ def source(gpu: GPU, kernel: Kernel) -> str:
 def pipeline(gpu: GPU, kernel: Kernel) -> tuple[wgpu.GPUComputePipeline, wgpu.GPUBindGroupLayout]:
     """The compiled pipeline of `kernel` and the layout its bind groups must follow."""
     wg = kernel.workgroup_size
-    if not (gpu.subgroups and kernel.subgroup_sums) and wg & (wg - 1):
+    if not kernel.sums_by_subgroup(gpu) and wg & (wg - 1):
         raise ValueError(f"{kernel.entry}: the shared-memory reduction needs a power-of-two workgroup, got {wg}")
     device = gpu.device
     layout = device.create_bind_group_layout(entries=[
