@@ -54,19 +54,51 @@ def raw_bytes(arr: np.ndarray) -> memoryview:
     return memoryview(arr.reshape(-1).view(np.uint8))
 
 
+class OutputExistsError(FileExistsError):
+    """The output file exists and the caller did not allow replacing it."""
+
+
 @contextmanager
-def atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """Write to a temporary file next to `path`, then rename it over `path` only on success."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_path(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """A temporary path next to `path` to write; on success it becomes `path` in one step.
+
+    With `replace=False` an existing `path` is never touched: the temporary file is hard-linked
+    into place, which fails if the name exists, even when it appears while we write. Files get
+    the umask's permissions (0644 under the usual 022), like any file a tool creates.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give `tmp`'s content the name `path` only if that name is free."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"{path} exists: not replaced") from None
+    except OSError:  # a file system without hard links: check, then rename
+        if path.exists():
+            raise OutputExistsError(f"{path} exists: not replaced") from None
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, replace: bool = True) -> Iterator[BinaryIO]:
+    """A binary file object whose content becomes `path` only if the block succeeds."""
+    with atomic_path(path, replace) as tmp, open(tmp, "wb") as f:
+        yield f
