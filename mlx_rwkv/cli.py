@@ -1,4 +1,8 @@
-"""Command line: `mlx-rwkv generate | chat | synth | quantize` (also `python -m mlx_rwkv`)."""
+"""Command line: `mlx-rwkv generate | chat | info | synth | quantize | doctor` (also `python -m mlx_rwkv`).
+
+Every option is checked while it is parsed (`cli_args`); every command that writes a file
+follows `output_files.check_output` (no replacing without --force, never the loaded model).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,32 +10,57 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
+from . import cli_args as check
 from .config import SHAPES
 
 RANDOM_WEIGHTS_NOTE = ("note: no --model given: running the built-in synthetic 0.1B model. Its weights are "
                        "RANDOM, so the text is gibberish; it shows the engine's speed, not a language model.")
+DTYPES = ["float16", "bfloat16", "float32"]
+CONVERT_TYPES = ["q4_k", "q8_0", "f16", "f32"]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its description (where it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint: .pth, .safetensors, rwkv.cpp .bin, rwkv7 .gguf, or a Q4_K file")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+    p.add_argument("--model", type=check.existing_file,
+                   help="checkpoint: .pth, .safetensors, rwkv.cpp .bin, rwkv7 .gguf, or a Q4_K file "
+                        "(none: the built-in synthetic 0.1B model with random weights)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight dtype; auto = float16 on a GPU, float32 on CPU (MLX's CPU float16 is slow)")
     p.add_argument("--quant", choices=["q4k"], help="quantize the linear layers to Q4_K at load")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--penalty-decay", type=float, default=0.996)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--stop-token", type=int, action="append", help="stop token id (repeatable; default: end of text)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk length (bounds memory)")
+    p.add_argument("--max-tokens", type=check.int_at_least(0), default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=check.number_in(0, 100), default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=check.number_in(0, 1, low_open=True), default=0.7,
+                   help="keep the smallest set of tokens whose probability reaches this (1 = off)")
+    p.add_argument("--top-k", type=check.int_at_least(0), default=0, help="keep the k likeliest tokens (0 = off)")
+    p.add_argument("--min-p", type=check.number_in(0, 1, high_open=True), default=0.0,
+                   help="drop tokens below this fraction of the top token's probability (0 = off)")
+    p.add_argument("--presence-penalty", type=check.finite_number, default=0.0,
+                   help="subtracted from the logit of every token generated so far")
+    p.add_argument("--frequency-penalty", type=check.finite_number, default=0.0,
+                   help="subtracted per (decayed) occurrence of a generated token")
+    p.add_argument("--penalty-decay", type=check.number_in(0, 1, low_open=True), default=0.996,
+                   help="per-step decay of the occurrence counts (the official pipeline's)")
+    p.add_argument("--stop", type=check.unescaped, action="append", default=[],
+                   help=r"stop string, not printed (repeatable); \n, \t and \\ are unescaped, so --stop '\n\n' "
+                        "stops at a blank line")
+    p.add_argument("--stop-token", type=check.int_at_least(0), action="append",
+                   help="stop token id (repeatable; default: the tokenizer's end of text, if it has one)")
+    p.add_argument("--seed", type=check.seed, help="random seed in [0, 2**64) for reproducible sampling")
+    p.add_argument("--chunk-size", type=check.int_at_least(1), default=1024,
+                   help="prefill chunk length in tokens (bounds memory)")
     p.add_argument("--on-nonfinite", choices=["raise", "stop"], default="raise",
                    help="what to do when the logits become NaN/inf")
 
@@ -44,21 +73,31 @@ def sampling_from(args: argparse.Namespace):
                           penalty_decay=args.penalty_decay)
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, engine: str = "mlx"):
+    """(model, tokenizer) for --model/--dtype/--quant; also checks --stop-token against the vocab."""
     from .kernels import gpu_backend
     from .loading import load
 
     if args.dtype == "auto":
-        args.dtype = "float16" if gpu_backend() else "float32"
+        args.dtype = "float16" if gpu_backend() or engine == "webgpu" else "float32"
     if args.model is None:
         print(RANDOM_WEIGHTS_NOTE, file=sys.stderr)
     t0 = time.perf_counter()
-    model, tokenizer = load(args.model, dtype=args.dtype, quant=args.quant, progress=True)
-    if tokenizer is None:
-        raise SystemExit(f"error: no tokenizer for a vocabulary of {model.config.vocab_size} tokens "
-                         "(World = 65536, bytes = 256)")
+    if engine == "webgpu":
+        from .webgpu_engine import load_webgpu
+
+        if args.dtype == "bfloat16":
+            raise ValueError("the WebGPU engine stores matrices as float16 or float32, not bfloat16")
+        model, tokenizer = load_webgpu(args.model, args.dtype, args.quant, args.chunk_size)
+    else:
+        model, tokenizer = load(args.model, dtype=args.dtype, quant=args.quant, progress=True)
     c = model.config
-    print(f"loaded {c.n_layer} layers, C={c.n_embd}, vocab {c.vocab_size} ({args.dtype}"
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer for a vocabulary of {c.vocab_size} tokens (World = 65536, bytes = 256)")
+    bad = [t for t in args.stop_token or [] if t >= c.vocab_size]
+    if bad:
+        raise ValueError(f"--stop-token {bad[0]} is outside this model's vocabulary (0..{c.vocab_size - 1})")
+    print(f"loaded {c.n_layer} layers, C={c.n_embd}, vocab {c.vocab_size} ({engine}, {args.dtype}"
           f"{', q4k' if args.quant else ''}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return model, tokenizer
 
@@ -77,7 +116,7 @@ def stream_to_stdout(model, tokenizer, prompt: str, args: argparse.Namespace, st
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer = load_model(args)
+    model, tokenizer = load_model(args, args.engine)
     last = stream_to_stdout(model, tokenizer, args.prompt, args)
     print()
     print(f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generated_tokens} generated "
@@ -86,99 +125,118 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .state import State, StateError
+    from .chat import ChatSession, prompts, turn_prompt
+    from .state import State
 
     model, tokenizer = load_model(args)
     args.stop = args.stop or ["\n\n"]
-    state = State.load(args.state, model) if args.state else None
-    print("chat: /save PATH, /load PATH, /reset, /quit. The state carries the conversation (no re-prefill).",
-          file=sys.stderr)
-    while True:
-        try:
-            line = input("User: ")
-        except EOFError:
-            break
-        cmd, _, arg = line.strip().partition(" ")
-        try:
-            if cmd == "/quit":
-                break
-            if cmd == "/reset":
-                state = None
-                continue
-            if cmd == "/save":
-                (state or model.new_state()).save(arg, model)
-                print(f"[state saved to {arg}]", file=sys.stderr)
-                continue
-            if cmd == "/load":
-                state = State.load(arg, model)
-                print(f"[state loaded from {arg}]", file=sys.stderr)
-                continue
-        except (StateError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
+    session = ChatSession(model, State.load(args.state, model) if args.state else None,
+                          loaded=[args.model] if args.model else [])
+    print("chat: /help lists the commands. The state carries the conversation (no re-prefill).", file=sys.stderr)
+    for text in prompts(input, session):
         print("Assistant:", end="", flush=True)
-        last = stream_to_stdout(model, tokenizer, f"User: {line}\n\nAssistant:", args, state)
-        state = last.state
+        session.state = stream_to_stdout(model, tokenizer, turn_prompt(text), args, session.state).state
         print()
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    from .info import describe, format_info
+
+    print(format_info(describe(args.path)))
+
+
 def cmd_synth(args: argparse.Namespace) -> None:
+    from .output_files import check_output
     from .synth import write_synthetic
 
-    config = write_synthetic(args.output, shape=args.shape, seed=args.seed, dtype=args.dtype,
-                             n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
+    check_output(args.output, args.force)
+    config = write_synthetic(args.output, shape=args.shape, seed=args.seed, dtype=args.dtype, n_layer=args.layers,
+                             n_embd=args.embd, vocab_size=args.vocab, replace=args.force, progress=True)
     print(f"wrote {args.output}: random weights, {config}", file=sys.stderr)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .quant import quantize_file
+    from .convert import convert
+    from .output_files import check_output
 
+    check_output(args.output, args.force, loaded=[args.input])
     t0 = time.perf_counter()
-    out = quantize_file(args.input, args.output, include_head=not args.keep_head)
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    out = convert(args.input, args.output, args.type, include_head=not args.keep_head, progress=True,
+                  replace=args.force)
+    print(f"wrote {out} ({args.type}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from .doctor import run_doctor
+    from .output_files import check_output
+
+    if args.report:
+        check_output(args.report, args.force)
+    raise SystemExit(run_doctor(args.report))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mlx-rwkv", description="RWKV-7 inference on MLX")
-    sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="stream a completion of --prompt")
+    ap = argparse.ArgumentParser(prog="mlx-rwkv", description="RWKV-7 inference on MLX (Metal, CUDA, CPU)",
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--version", action="version", version=f"mlx-rwkv {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    g = command("generate", "stream a completion of --prompt", cmd_generate)
     add_model_args(g)
-    g.add_argument("--prompt", default="The quick brown fox")
+    g.add_argument("--prompt", default="The quick brown fox", help="the text to continue")
+    g.add_argument("--engine", choices=["mlx", "webgpu"], default="mlx",
+                   help="mlx: this engine; webgpu: the WebGPU reference engine (needs a Vulkan/Metal adapter)")
     add_sampling_args(g)
-    g.set_defaults(func=cmd_generate)
-    c = sub.add_parser("chat", help="interactive chat that keeps the state between turns")
+
+    c = command("chat", "interactive chat that keeps the state between turns (/help inside)", cmd_chat)
     add_model_args(c)
-    c.add_argument("--state", help="start from a state saved with /save")
+    c.add_argument("--state", type=check.existing_file, help="start from a state saved with /save")
     add_sampling_args(c)
-    c.set_defaults(func=cmd_chat)
-    s = sub.add_parser("synth", help="write a checkpoint of random weights at real shapes")
-    s.add_argument("--shape", default="0.1B", choices=list(SHAPES))
-    s.add_argument("--layers", type=int)
-    s.add_argument("--embd", type=int)
-    s.add_argument("--vocab", type=int)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    s.add_argument("-o", "--output", required=True, type=Path, help="out.pth or out.safetensors")
-    s.set_defaults(func=cmd_synth)
-    q = sub.add_parser("quantize", help="write a Q4_K copy of a checkpoint (reloads fast)")
-    q.add_argument("input", type=Path)
-    q.add_argument("output", type=Path)
-    q.add_argument("--keep-head", action="store_true", help="leave the head in the weight dtype")
-    q.set_defaults(func=cmd_quantize)
+
+    i = command("info", "describe a checkpoint (format, sizes, storage) without loading it onto the device",
+                cmd_info)
+    i.add_argument("path", type=check.existing_file, help="any checkpoint `generate --model` accepts")
+
+    s = command("synth", "write a checkpoint of random weights at real shapes", cmd_synth)
+    s.add_argument("--shape", default="0.1B", choices=list(SHAPES), help="the real model size to copy")
+    s.add_argument("--layers", type=check.int_at_least(1), help="override the number of layers")
+    s.add_argument("--embd", type=check.multiple_of(64), help="override the width C (heads of 64)")
+    s.add_argument("--vocab", type=check.int_at_least(1), help="override the vocabulary size (65536 = World)")
+    s.add_argument("--seed", type=check.seed, default=0, help="random seed of the weights")
+    s.add_argument("--dtype", default="float16", choices=DTYPES, help="dtype of the stored tensors")
+    s.add_argument("-o", "--output", required=True, type=check.output_file(".pth", ".safetensors"),
+                   help="out.pth or out.safetensors")
+    s.add_argument("--force", action="store_true", help="replace an existing output file")
+
+    q = command("quantize", "convert a checkpoint: Q4_K (or Q8_0/F16/F32) GGUF, or our Q4_K safetensors",
+                cmd_quantize)
+    q.add_argument("input", type=check.existing_file, help="any checkpoint `generate --model` accepts")
+    q.add_argument("output", type=check.output_file(".gguf", ".safetensors"),
+                   help="OUT.gguf (llama.cpp's format) or OUT.safetensors (ours)")
+    q.add_argument("--type", choices=CONVERT_TYPES, default="q4_k", help="storage of the linear layers")
+    q.add_argument("--keep-head", action="store_true", help="leave the head unquantized")
+    q.add_argument("--force", action="store_true", help="replace an existing output file (never the input)")
+
+    d = command("doctor", "self-check: every kernel against the pure-MLX reference, SIMD lanes, a generation",
+                cmd_doctor)
+    d.add_argument("--report", type=check.output_file(".json"), help="also write the results as JSON here")
+    d.add_argument("--force", action="store_true", help="replace an existing report")
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import CheckpointError
+    from .chat import one_line
     from .generate import NonFiniteLogitsError
-    from .state import StateError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CheckpointError, StateError, NonFiniteLogitsError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (NonFiniteLogitsError, ValueError, ImportError, OSError) as e:  # CheckpointError, StateError, OutputError
+        raise SystemExit(f"error: {one_line(e) if isinstance(e, OSError) else e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

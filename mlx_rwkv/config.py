@@ -28,6 +28,11 @@ class ModelConfig:
     d_ffn: int  # channel-mix hidden size, 4C in released models
 
     def __post_init__(self) -> None:
+        for name in ("n_layer", "n_embd", "head_size", "vocab_size", "d_decay", "d_aaa", "d_gate", "d_ffn"):
+            if getattr(self, name) < 1:
+                raise CheckpointError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_mv < (1 if self.n_layer > 1 else 0):
+            raise CheckpointError(f"d_mv must be >= 1 for a model of {self.n_layer} layers, got {self.d_mv}")
         if self.n_embd % self.head_size:
             raise CheckpointError(f"n_embd {self.n_embd} is not a multiple of head_size {self.head_size}")
 

@@ -60,11 +60,19 @@ def stream_generate(model: RWKV7, tokenizer, prompt: str | Sequence[int], max_to
     """
     if on_nonfinite not in ("raise", "stop"):
         raise ValueError("on_nonfinite must be 'raise' or 'stop'")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("empty prompt: give at least one token of text")
     if stop_tokens is None:  # the tokenizer's end of text (World: id 0), if it has one
         stop_tokens = [] if getattr(tokenizer, "eos_id", None) is None else [tokenizer.eos_id]
+    V = model.config.vocab_size
+    bad = [t for t in stop_tokens if not 0 <= t < V]
+    if bad:
+        raise ValueError(f"stop token {bad[0]} is outside this model's vocabulary (0..{V - 1})")
     stops = set(stop_tokens)
     sampler = Sampler(sampling or SamplingParams(), model.config.vocab_size, seed=seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

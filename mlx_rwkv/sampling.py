@@ -1,9 +1,12 @@
 """Sampling on the device: a token costs no host sync until the caller reads it."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+SEED_LIMIT = 2**64  # mx.random.key takes an unsigned 64-bit seed
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class SamplingParams:
     penalty_decay: float = 0.996
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -45,6 +51,8 @@ class Sampler:
     """Stateful sampler for (B, V) logits; keeps the penalty counts on the device."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, batch_size: int = 1, seed: int | None = None):
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.params = params
         self.vocab_size = vocab_size
         self.key = mx.random.key(seed) if seed is not None else None

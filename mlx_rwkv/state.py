@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
+from .checkpoint.files import atomic_path
 from .config import ModelConfig
 
 if TYPE_CHECKING:
@@ -65,8 +64,11 @@ class State:
         if batch_size is not None and batch_size != B:
             raise StateError(f"state has batch size {B} but the input has {batch_size} sequences")
 
-    def save(self, path: str | os.PathLike, model: "RWKV7") -> None:
-        """Write the state and the model's fingerprint to a .safetensors file, atomically."""
+    def save(self, path: str | os.PathLike, model: "RWKV7", overwrite: bool = False) -> None:
+        """Write the state and the model's fingerprint to a .safetensors file, atomically.
+
+        An existing file is replaced only with `overwrite=True` (else OutputExistsError).
+        """
         self.check(model.config)
         tensors = {}
         for i in range(len(self.wkv)):
@@ -75,15 +77,8 @@ class State:
             tensors[f"{i}.ffn_x"] = self.ffn_x[i]
         meta = {"format": "mlx-rwkv-state", "fingerprint": model.config.fingerprint(),
                 "config": json.dumps(model.config.__dict__)}
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
-        os.close(fd)
-        try:
-            mx.save_safetensors(tmp, tensors, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, replace=overwrite) as tmp, open(tmp, "wb") as f:
+            mx.save_safetensors(f, tensors, metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: "RWKV7") -> "State":

@@ -15,6 +15,7 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
 from mlx_rwkv.config import ModelConfig, config_for_shape
 
@@ -62,14 +63,22 @@ def tensor_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(key.encode())])))
 
 
-def synthesize(config: ModelConfig, seed: int = 0, dtype: str | np.dtype | type = np.float32) -> dict[str, np.ndarray]:
-    """Random weights for `config` in the official layout, including layer 0's unused v0/v1/v2."""
+def synthesize(config: ModelConfig, seed: int = 0, dtype: str | np.dtype | type = np.float32,
+               progress: bool = False) -> dict[str, np.ndarray]:
+    """Random weights for `config` in the official layout, including layer 0's unused v0/v1/v2.
+    progress: a bar on stderr (by bytes: a 1.5B model takes tens of seconds)."""
     dt = resolve_dtype(dtype)
     shapes = dict(config.expected_shapes())
     if config.n_layer > 1:  # official files carry layer 0's value-residual tensors too
         for name in ("v0", "v1", "v2"):
             shapes[f"blocks.0.att.{name}"] = shapes[f"blocks.1.att.{name}"]
-    return {key: synth_tensor(config, key, shape, seed, dt) for key, shape in shapes.items()}
+    total = sum(int(np.prod(shape)) for shape in shapes.values()) * dt.itemsize
+    weights = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="synthesizing", disable=not progress) as bar:
+        for key, shape in shapes.items():
+            weights[key] = synth_tensor(config, key, shape, seed, dt)
+            bar.update(weights[key].nbytes)
+    return weights
 
 
 def synth_tensor(config: ModelConfig, key: str, shape: tuple[int, ...], seed: int, dtype: np.dtype) -> np.ndarray:
@@ -209,10 +218,13 @@ def write_synthetic(
     n_layer: int | None = None,
     n_embd: int | None = None,
     vocab_size: int | None = None,
+    replace: bool = False,
+    progress: bool = False,
 ) -> ModelConfig:
-    """Write a synthetic checkpoint of a named size (optionally shrunk) to .pth or .safetensors."""
+    """Write a synthetic checkpoint of a named size (optionally shrunk) to .pth or .safetensors.
+    An existing file is replaced only with `replace=True`."""
     from mlx_rwkv.checkpoint import save_checkpoint  # the writer picks the format from the suffix
 
     config = config_for_shape(shape, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size)
-    save_checkpoint(synthesize(config, seed=seed, dtype=dtype), path)
+    save_checkpoint(synthesize(config, seed=seed, dtype=dtype, progress=progress), path, replace=replace)
     return config

@@ -75,9 +75,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(ModelConfig.from_shapes(shapes_of(weights)), weights, path, fmt)
 
 
-def save_checkpoint(weights: Mapping[str, np.ndarray], path: str | Path, format: str | None = None) -> Path:
+def save_checkpoint(weights: Mapping[str, np.ndarray], path: str | Path, format: str | None = None,
+                    replace: bool = False) -> Path:
     """Write float32/float16/bfloat16 tensors as .pth or .safetensors (by extension unless
-    `format` is given), atomically: the file appears complete or not at all."""
+    `format` is given), atomically: the file appears complete or not at all. An existing file
+    is replaced only with `replace=True` (else OutputExistsError)."""
     path = Path(path)
     by_name = {name: (name, writer) for name, writer in WRITERS.values()}
     choice = by_name.get(format) if format else WRITERS.get(path.suffix.lower())
@@ -85,6 +87,6 @@ def save_checkpoint(weights: Mapping[str, np.ndarray], path: str | Path, format:
         raise ValueError(f"cannot choose a format for {path} (format={format!r}): "
                          "use a .pth or .safetensors name, or format='pth' / 'safetensors'")
     arrays = check_weights(weights)
-    with atomic_output(path) as f:
+    with atomic_output(path, replace) as f:
         choice[1](arrays, f)
     return path
