@@ -8,7 +8,8 @@ C++ compile check on machines without Apple tools.
                             signature, our body and the explicit instantiation (mimics
                             write_signature/write_template of mlx/backend/metal/custom_kernel.cpp)
   mlx_generated_source(...) the same source from MLX itself (export tracing + verbose), or None
-  compile_check(source)     (ok, compiler output) of `c++ -fsyntax-only -include metal_shim.h`
+  compile_check(source)     (ok, compiler output) of `clang++ -fsyntax-only -include metal_shim.h`,
+                            plus Apple's limits (buffers, threadgroup memory)
 """
 from __future__ import annotations
 
@@ -368,30 +369,59 @@ def mlx_generated_source(launch: Launch) -> str | None:
 # ---- the compiler -------------------------------------------------------------------------------
 
 def find_compiler() -> str | None:
-    """$METAL_CHECK_CXX, else clang++ (Metal's front end is clang), else g++, else c++."""
-    if os.environ.get("METAL_CHECK_CXX"):
-        return shutil.which(os.environ["METAL_CHECK_CXX"])
-    for cxx in ("clang++", "g++", "c++"):
-        if shutil.which(cxx):
-            return shutil.which(cxx)
-    return None
+    """$METAL_CHECK_CXX, else clang++: Metal's front end is clang, and the shim needs clang's
+    address spaces, ext vectors and native __fp16."""
+    return shutil.which(os.environ.get("METAL_CHECK_CXX") or "clang++")
 
 
 def compile_command(cxx: str) -> list[str]:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    quiet = "-Wno-unknown-attributes" if "clang" in version else "-Wno-attributes"  # [[buffer(0)]]...
-    return [cxx, "-std=c++17", "-fsyntax-only", quiet, "-include", str(SHIM), "-x", "c++", "-"]
+    return [cxx, "-std=c++17", "-fsyntax-only", "-Wno-unknown-attributes",  # [[buffer(0)]], ...
+            "-Xclang", "-fnative-half-type", "-Xclang", "-fnative-half-arguments-and-returns",
+            "-include", str(SHIM), "-x", "c++", "-"]
 
 
-# Host compilers reject (clang) or ignore (g++) attributes on an explicit instantiation.
+# ---- Apple's limits per kernel (Metal feature set tables, every Apple GPU family) ----------------
+MAX_THREADGROUP_MEMORY = 32768  # bytes of threadgroup memory
+MAX_BUFFER_ARGUMENTS = 31  # [[buffer(0)]] .. [[buffer(30)]]
+THREADGROUP_ALIGNMENT = 16  # Metal rounds each threadgroup allocation up to 16 bytes
+
+# Host compilers reject attributes on an explicit instantiation.
 _INSTANTIATION_ATTRIBUTES = re.compile(r'^template \[\[host_name\("[^"]*"\)\]\] \[\[kernel\]\] ', re.M)
+# A threadgroup variable declared in a body: `SHARED float s[2 * N];  // comment`
+_SHARED_DECLARATION = re.compile(r"^(\s*)((?:SHARED|threadgroup)\s+[\w:<>, ]+?\s+(\w+)\s*(?:\[[^;]*\])?\s*;)",
+                                 re.M)
+
+
+def _count_threadgroup_memory(source: str) -> str:
+    """Each threadgroup variable becomes `static` (clang gives automatic variables no address
+    space; Metal's threadgroup variables are per threadgroup anyway) and is followed, on the same
+    line, by a running total of the threadgroup memory and a static_assert against Apple's 32 KiB:
+    evaluated per template instantiation, reported at the declaration's line."""
+    count = 0
+
+    def rewrite(match: re.Match) -> str:
+        nonlocal count
+        indent, declaration, name = match.groups()
+        before = f"rwkv_tg_bytes_{count}" if count else "0ul"
+        count += 1
+        total = f"rwkv_tg_bytes_{count}"
+        return (f"{indent}static {declaration} constexpr unsigned long {total} = {before} + "
+                f"(sizeof({name}) + {THREADGROUP_ALIGNMENT - 1}) / {THREADGROUP_ALIGNMENT} * "
+                f"{THREADGROUP_ALIGNMENT}; static_assert({total} <= {MAX_THREADGROUP_MEMORY}, "
+                f"\"Apple GPUs: more than 32 KiB of threadgroup memory (at {name})\");")
+
+    return _SHARED_DECLARATION.sub(rewrite, source)
 
 
 def compile_check(source: str, cxx: str) -> tuple[bool, str]:
-    """(compiled, compiler output) for `source`; metal_shim.h stands in for metal::utils()."""
+    """(compiled, compiler output) for `source` against metal_shim.h (in place of metal::utils()),
+    plus Apple's per-kernel limits on buffer arguments and threadgroup memory."""
+    buffers = len(re.findall(r"\[\[buffer\(\d+\)\]\]", source))
+    if buffers > MAX_BUFFER_ARGUMENTS:
+        return False, f"{buffers} buffer arguments: Apple GPUs take at most {MAX_BUFFER_ARGUMENTS}"
     source = _INSTANTIATION_ATTRIBUTES.sub("template ", source.removeprefix(UTILS_STANDIN))
-    proc = subprocess.run(compile_command(cxx), input=source, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(compile_command(cxx), input=_count_threadgroup_memory(source),
+                          capture_output=True, text=True, timeout=60)
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
