@@ -13,6 +13,9 @@ loader (`llama_model_rwkv7::load_arch_tensors`). Numpy shapes below are the reve
 Layer 0 has no value-residual LoRA: llama.cpp wants dummies there, which its converter fills
 with copies of a0/a1/a2; we write the same and drop them on import.
 
+On export (save_gguf) the output type is one of q4_k, q8_0, f16, f32, and each tensor's type and
+the metadata follow llama.cpp's converter (see the export section).
+
 On import, Q4_K tensors stay Q4_K blocks (Q4KTensor, no requantization); F32/F16 tensors keep
 their dtype; other types (BF16, Q8_0, Q6_K, ..., and Q4_K outside the linear weights, e.g. the
 embedding) are decoded with `gguf.quants.dequantize`: linear weights, head and embedding to
@@ -22,9 +25,7 @@ back as token id -> bytes.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -33,8 +34,8 @@ import numpy as np
 
 try:
     import gguf
-except ImportError as e:  # an optional dependency: pip install "mlx-rwkv[gguf]"
-    raise ImportError("GGUF support needs the `gguf` package: pip install 'mlx-rwkv[gguf]'") from e
+except ImportError:  # an optional dependency: one line, not the import machinery's traceback
+    raise ImportError("GGUF needs the gguf package: pip install 'mlx-rwkv[gguf]'") from None
 
 from mlx_rwkv.config import CheckpointError, ModelConfig, shapes_of
 from mlx_rwkv.quant import Q4KTensor, is_quantizable, quantize_model, quantize_q4k
@@ -64,8 +65,8 @@ LAYER = {  # official suffix -> GGUF name after "blk.{i}."
 }
 LERP_FUSED = "time_mix_lerp_fused.weight"
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
-Q4_K = gguf.GGMLQuantizationType.Q4_K
-_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+Q4_K, Q8_0, F16, F32 = (gguf.GGMLQuantizationType[t] for t in ("Q4_K", "Q8_0", "F16", "F32"))
+_FLOAT_TYPES = (F32, F16)
 
 
 @dataclass
@@ -202,44 +203,103 @@ def escape_token(token: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------- export
+# Tensor types follow llama.cpp: its converter (`convert_hf_to_gguf.py`, Rwkv7Model) writes
+# 1-D tensors (norms, biases, mixing vectors, r_k), time_mix_w1/w2 and the fused lerp as F32 and
+# every other matrix (embedding, head, linear weights, the a/v/g LoRAs) in the output type
+# (F16, or Q8_0 where the row length is a multiple of 32, else F16); `llama-quantize` then turns
+# the linear weights (and head) into Q4_K and leaves the rwkv7 LoRAs alone. A q4_k export here
+# is that pipeline's file, except that the embedding stays F16 (llama-quantize would make it
+# Q4_K too; it is a row lookup, not a matmul, so it costs no speed to keep it exact).
 
-def save_gguf(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path, *,
-              tokens: Sequence[bytes] | None = None, quantize: bool = True,
-              include_head: bool = True) -> Path:
+OUT_TYPES: dict[str, "gguf.LlamaFileType"] = {
+    "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M,  # what llama.cpp's loader infers for mostly-Q4_K files
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "f32": gguf.LlamaFileType.ALL_F32,
+}
+_ALWAYS_F32 = ("time_mix_w1.weight", "time_mix_w2.weight", LERP_FUSED)
+# llama.cpp's models/templates/llama-cpp-rwkv-world.jinja, which its converter stores for RWKV World.
+CHAT_TEMPLATE = """\
+{%- if not add_generation_prompt is defined -%}
+    {%- set add_generation_prompt = true -%}
+{%- endif -%}
+{%- set ns = namespace(system_prompt='') -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- set ns.system_prompt = message['content'] -%}
+    {%- endif -%}
+{%- endfor -%}
+{{bos_token}}
+{%- if ns.system_prompt != '' -%}
+{{- 'System: ' + ns.system_prompt + '\\n\\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}
+        {{- 'User: ' + message['content']|trim + '\\n\\n' -}}
+    {%- endif -%}
+    {%- if message['role'] == 'assistant' and message['content'] is  not none -%}
+        {%- set content = message['content'] -%}
+        {%- if '</think>' in content -%}
+            {%- set content = content.split('</think>')[-1] -%}
+        {%- endif -%}
+        {{- 'Assistant: ' + content|trim + '\\n\\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- 'Assistant:' -}}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- ' <think>\\n</think>' }}
+    {%- endif %}
+    {%- if enable_thinking is defined and enable_thinking is true %}
+        {{- ' <think>' }}
+    {%- endif %}
+{%- endif -%}"""
+
+
+def save_gguf(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path, out_type: str = "q4_k", *,
+              tokens: Sequence[bytes] | None = None, include_head: bool = True, name: str | None = None,
+              progress: bool = False) -> Path:
     """Write an `rwkv7` GGUF that llama.cpp loads, atomically (temp file + rename).
 
-    quantize: encode the linear weights (and head when include_head) as Q4_K; Q4KTensor values
-    are written as they are either way. 1-D tensors, the fused lerp and the LoRA matrices are
-    F32 (llama.cpp's convention); other float tensors keep F32/F16 (bfloat16 becomes F32, exactly).
+    out_type: "q4_k" | "q8_0" | "f16" | "f32", recorded as general.file_type; tensor types as
+    described above. Q4KTensor values are written as their blocks for q4_k (no requantization)
+    and decoded for the other types. include_head=False keeps a float head in F16 (q4_k, q8_0);
+    an already-Q4_K head stays Q4_K in a q4_k file.
     tokens: id -> bytes, stored as tokenizer "rwkv"; id 0 and empty or missing ids (up to the
-    vocab size) become llama.cpp's "<s>" / "[PAD<id>]" placeholders.
+    vocab size) become llama.cpp's "<s>" / "[PAD<id>]" placeholders. name: general.name
+    (default: the file's stem). Raises ValueError for an unknown out_type or too many tokens.
     """
+    from mlx_rwkv.checkpoint.files import atomic_output
+
+    if out_type not in OUT_TYPES:
+        raise ValueError(f"unknown GGUF type {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
     path = Path(path)
-    shapes = shapes_of(weights)
-    config = ModelConfig.from_shapes(shapes)
-    if quantize:
-        weights = quantize_model(weights, include_head=include_head)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
-        _write_metadata(writer, config, weights, tokens)
-        for name, array, qtype in _gguf_tensors(weights, config):
-            writer.add_tensor(name, array, raw_dtype=qtype)
+    config = ModelConfig.from_shapes(shapes_of(weights))
+    if tokens is not None and len(tokens) > config.vocab_size:
+        raise ValueError(f"{len(tokens)} tokens for a vocab of {config.vocab_size}")
+    if out_type == "q4_k":
+        weights = quantize_model(weights, include_head=include_head, progress=progress)
+    with atomic_output(path) as f:
+        writer = gguf.GGUFWriter(f.name, ARCH)  # reopens the temporary file by name
+        for gguf_name, array, qtype in _gguf_tensors(weights, config, out_type, include_head):
+            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+        _write_metadata(writer, config, out_type, tokens, name or path.stem)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return path
 
 
-def _write_metadata(writer, config: ModelConfig, weights: Mapping, tokens: Sequence[bytes] | None) -> None:
-    any_q4k = any(isinstance(v, Q4KTensor) for v in weights.values())
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_S if any_q4k else gguf.LlamaFileType.ALL_F32)
+def _write_metadata(writer, config: ModelConfig, out_type: str, tokens: Sequence[bytes] | None, name: str) -> None:
+    """The keys llama.cpp's converter writes for an RWKV-7 World model (Rwkv7Model.set_gguf_parameters,
+    _set_vocab_rwkv_world, prepare_metadata); call after the tensors are added (size label)."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    total, shared, experts, expert_count = writer.get_total_parameter_count()
+    writer.add_size_label(gguf.size_label(total, shared, experts, expert_count))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(OUT_TYPES[out_type])
     writer.add_context_length(1048576)  # RWKV has no context limit
     writer.add_embedding_length(config.n_embd)
     writer.add_block_count(config.n_layer)
@@ -250,50 +310,66 @@ def _write_metadata(writer, config: ModelConfig, weights: Mapping, tokens: Seque
     writer.add_value_residual_mix_lora_rank(config.d_mv)
     writer.add_gate_lora_rank(config.d_gate)
     writer.add_feed_forward_length(config.d_ffn)
-    writer.add_token_shift_count(2)  # att and ffn x_prev
+    writer.add_token_shift_count(2)  # att and ffn x_prev (llama.cpp's default, stated)
     writer.add_head_count(0)  # required by llama.cpp, unused
-    if tokens is not None:  # as llama.cpp's converter: "<s>" at id 0, "[PAD<id>]" for unused ids
-        if len(tokens) > config.vocab_size:
-            raise ValueError(f"{len(tokens)} tokens for a vocab of {config.vocab_size}")
-        texts, types = [b"<s>"], [gguf.TokenType.CONTROL]
-        for i in range(1, config.vocab_size):
-            token = tokens[i] if i < len(tokens) else b""
-            texts.append(escape_token(token) if token else f"[PAD{i}]".encode())
-            types.append(gguf.TokenType.NORMAL if token else gguf.TokenType.UNUSED)
-        writer.add_tokenizer_model("rwkv")
-        writer.add_token_list(texts)
-        writer.add_token_types(types)
-        writer.add_bos_token_id(0)
-        writer.add_eos_token_id(0)
+    if tokens is None:
+        return
+    texts, types = [b"<s>"], [gguf.TokenType.CONTROL]  # "<s>" at id 0, "[PAD<id>]" for unused ids
+    for i in range(1, config.vocab_size):
+        token = tokens[i] if i < len(tokens) else b""
+        texts.append(escape_token(token) if token else f"[PAD{i}]".encode())
+        types.append(gguf.TokenType.NORMAL if token else gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("rwkv")
+    writer.add_token_list(texts)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(0)
+    if b"\n\n" in tokens:  # the converter's "eot" hack (id 261 in World) so chat turns end
+        writer.add_eot_token_id(list(tokens).index(b"\n\n"))
+    writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def _gguf_tensors(weights: Mapping, config: ModelConfig):
-    """(GGUF name, array, raw ggml type or None) for every tensor, in llama.cpp's order."""
-    def entry(name: str, value, f32: bool = False) -> tuple[str, np.ndarray, object]:
-        if isinstance(value, Q4KTensor):
-            return name, np.ascontiguousarray(value.blocks), Q4_K
-        if f32 or value.dtype not in (np.float32, np.float16):  # bfloat16 -> F32 is exact
-            value = value.astype(np.float32)
-        return name, np.ascontiguousarray(value), None
+def _encode(value: np.ndarray | Q4KTensor, out_type: str, quantize: bool) -> tuple[np.ndarray, object]:
+    """A matrix in the output type: (array, ggml type); quantize=False keeps it F16 (or F32)."""
+    if isinstance(value, Q4KTensor) and out_type == "q4_k":
+        return np.ascontiguousarray(value.blocks), Q4_K
+    dense = value.dequantize() if isinstance(value, Q4KTensor) else np.asarray(value)
+    if out_type == "f32":
+        return np.ascontiguousarray(dense, np.float32), F32
+    if out_type == "q8_0" and quantize and dense.shape[-1] % gguf.GGML_QUANT_SIZES[Q8_0][0] == 0:
+        return gguf.quants.quantize(np.asarray(dense, np.float32), Q8_0), Q8_0
+    return np.ascontiguousarray(dense, np.float16), F16
 
-    for key in ("emb.weight", "blocks.0.ln0.weight", "blocks.0.ln0.bias"):
-        yield entry(GLOBALS[key], weights[key], f32=key != "emb.weight")
+
+def _gguf_tensors(weights: Mapping, config: ModelConfig, out_type: str, include_head: bool):
+    """(GGUF name, array, ggml type) for every tensor, in llama.cpp's order."""
+    def f32(name: str, value) -> tuple[str, np.ndarray, object]:
+        return name, np.ascontiguousarray(np.asarray(value, np.float32)), F32
+
+    def matrix(name: str, value, quantize: bool = True) -> tuple[str, np.ndarray, object]:
+        return (name, *_encode(value, out_type, quantize))
+
+    yield matrix(GLOBALS["emb.weight"], weights["emb.weight"])
+    for key in ("blocks.0.ln0.weight", "blocks.0.ln0.bias"):
+        yield f32(GLOBALS[key], weights[key])
     for i in range(config.n_layer):
         p, g = f"blocks.{i}.", f"blk.{i}."
-        fused = np.stack([np.asarray(weights[p + f"att.{m}"], np.float32).reshape(1, 1, -1) for m in LERP])
-        yield g + LERP_FUSED, fused, None
+        yield f32(g + LERP_FUSED, np.stack([np.asarray(weights[p + f"att.{m}"]).reshape(1, 1, -1) for m in LERP]))
         for suffix, local in LAYER.items():
-            name = suffix.removeprefix("att.")
-            if i == 0 and name in ("v0", "v1", "v2"):
-                suffix = "att.a" + name[1]  # llama.cpp's dummies for layer 0
+            short = suffix.removeprefix("att.")
+            if i == 0 and short in ("v0", "v1", "v2"):
+                suffix = "att.a" + short[1]  # llama.cpp's dummies for layer 0
             if p + suffix not in weights:
                 continue
             value = weights[p + suffix]
-            if name in LORAS:
-                yield entry(g + local, np.asarray(value).T, f32=True)
-            elif isinstance(value, Q4KTensor) or (value.ndim == 2 and name != "r_k"):
-                yield entry(g + local, value)  # linear weights
-            else:
-                yield entry(g + local, np.asarray(value).reshape(-1), f32=True)
-    for key in ("ln_out.weight", "ln_out.bias", "head.weight"):
-        yield entry(GLOBALS[key], weights[key], f32=key != "head.weight")
+            if short in LORAS:  # GGUF keeps them [out, in] like nn.Linear
+                value = np.asarray(value).T
+            if local in _ALWAYS_F32:
+                yield f32(g + local, value)
+            elif short in LORAS or is_quantizable(p + suffix):
+                yield matrix(g + local, value)
+            else:  # norms, biases, mixing vectors and r_k: 1-D
+                yield f32(g + local, np.asarray(value).reshape(-1))
+    for key in ("ln_out.weight", "ln_out.bias"):
+        yield f32(GLOBALS[key], weights[key])
+    yield matrix(GLOBALS["head.weight"], weights["head.weight"], quantize=include_head)

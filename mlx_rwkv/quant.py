@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +289,8 @@ FORMAT_KEY, FORMAT, SHAPES_KEY, SUFFIX = "mlx_rwkv.format", "q4k", "mlx_rwkv.q4k
 
 def save_quantized(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path) -> Path:
     """Write a (partly) Q4_K model as .safetensors, atomically (temp file + rename)."""
+    from mlx_rwkv.checkpoint.files import atomic_output
+
     path = Path(path)
     tensors: dict[str, np.ndarray] = {}
     shapes: dict[str, list[int]] = {}
@@ -300,14 +301,8 @@ def save_quantized(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Pa
         else:
             tensors[key] = np.ascontiguousarray(value)
     metadata = {FORMAT_KEY: FORMAT, SHAPES_KEY: json.dumps(shapes)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(path) as f:
+        save_file(tensors, f.name, metadata=metadata)  # rewrites the temporary file by name
     return path
 
 
@@ -351,11 +346,7 @@ def load_quantized(path: str | Path) -> "Checkpoint":
 
 
 def quantize_file(in_path: str | Path, out_path: str | Path, include_head: bool = True) -> Path:
-    """`mlx-rwkv quantize IN OUT`: read any checkpoint, quantize it, write a Q4_K .safetensors."""
-    from mlx_rwkv.checkpoint import load_checkpoint
+    """`mlx-rwkv quantize IN OUT`: `mlx_rwkv.convert.convert(IN, OUT, "q4_k")` (.gguf or .safetensors)."""
+    from mlx_rwkv.convert import convert
 
-    in_path, out_path = Path(in_path), Path(out_path)
-    if out_path.exists() and out_path.resolve() == in_path.resolve():
-        raise ValueError(f"refusing to overwrite the input {in_path}: choose another output path")
-    checkpoint = load_checkpoint(in_path)
-    return save_quantized(quantize_model(checkpoint.weights, include_head=include_head), out_path)
+    return convert(in_path, out_path, "q4_k", include_head=include_head)

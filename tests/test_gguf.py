@@ -1,19 +1,31 @@
-"""GGUF (llama.cpp rwkv7) export and import: layout, round trips, foreign types, clear errors."""
+"""GGUF (llama.cpp rwkv7) export and import: layout, tensor types and metadata as llama.cpp's
+converter writes them, round trips of every type (bytes refereed by the `gguf` package, logits
+through `load`), conversion between formats, foreign types, clear errors."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Callable
 
-import gguf
 import numpy as np
 import pytest
 
-from mlx_rwkv.config import CheckpointError, ModelConfig
-from mlx_rwkv.gguf_io import escape_token, load_gguf, save_gguf, unescape_token
-from mlx_rwkv.quant import Q4KTensor, dequantize_q4k, quantize_model, quantize_q4k
-from mlx_rwkv.synth import synthesize
+gguf = pytest.importorskip("gguf")
+
+from mlx_rwkv.checkpoint import save_checkpoint  # noqa: E402
+from mlx_rwkv.config import CheckpointError, ModelConfig  # noqa: E402
+from mlx_rwkv.convert import convert  # noqa: E402
+from mlx_rwkv.gguf_io import GLOBALS, LAYER, escape_token, load_gguf, save_gguf, unescape_token  # noqa: E402
+from mlx_rwkv.quant import (  # noqa: E402
+    Q4KTensor, dequantize_q4k, is_quantizable, load_quantized, quantize_model, quantize_q4k, save_quantized,
+)
+from mlx_rwkv.synth import synthesize  # noqa: E402
 
 Q4_K, Q8_0, F16, F32 = (gguf.GGMLQuantizationType[n] for n in ("Q4_K", "Q8_0", "F16", "F32"))
+OUT_TYPES = ("q4_k", "q8_0", "f16", "f32")
+FILE_TYPES = {"q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+              "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}
 CONFIG = ModelConfig(n_layer=2, n_embd=256, head_size=64, vocab_size=1000,
                      d_decay=32, d_aaa=48, d_mv=16, d_gate=64, d_ffn=1024)
 
@@ -42,11 +54,50 @@ def _llama_cpp_shapes(c: ModelConfig) -> dict[str, list[int]]:
     return ne
 
 
-def _same(a: np.ndarray | Q4KTensor, b: np.ndarray | Q4KTensor) -> bool:
-    if isinstance(a, Q4KTensor) or isinstance(b, Q4KTensor):
-        return isinstance(a, Q4KTensor) and isinstance(b, Q4KTensor) and a.shape == b.shape \
-            and np.array_equal(a.blocks, b.blocks)
-    return a.shape == b.shape and np.array_equal(a.astype(np.float32), b.astype(np.float32))
+_LINEAR = ("time_mix_key.weight", "time_mix_value.weight", "time_mix_receptance.weight",
+           "time_mix_output.weight", "channel_mix_key.weight", "channel_mix_value.weight")
+
+
+def _is_linear(name: str) -> bool:
+    return name.endswith(_LINEAR)
+
+
+def _converter_type(name: str, ne: list[int], out_type: str, include_head: bool = True):
+    """The type llama.cpp gives each tensor: convert_hf_to_gguf.py (1-D tensors, time_mix_w1/w2 and
+    the fused lerp F32; other matrices in the output type, Q8_0 falling back to F16 for rows that
+    are not a multiple of 32), then for q4_k llama-quantize (linear weights and head Q4_K; the rwkv7
+    LoRAs untouched; the embedding, which it would quantize too, kept F16 by us)."""
+    if len(ne) == 1 or name.endswith(("time_mix_w1.weight", "time_mix_w2.weight", "time_mix_lerp_fused.weight")) \
+            or out_type == "f32":
+        return F32
+    if name == "output.weight" and not include_head:
+        return F16
+    if out_type == "q4_k":
+        return Q4_K if _is_linear(name) or name == "output.weight" else F16
+    if out_type == "q8_0":
+        return Q8_0 if ne[0] % 32 == 0 else F16
+    return F16
+
+
+def _gguf_name(key: str) -> str:
+    if key in GLOBALS:
+        return GLOBALS[key]
+    _, layer, local = key.split(".", 2)
+    return f"blk.{layer}.{LAYER.get(local, 'time_mix_lerp_fused.weight')}"  # x_r, x_w, ...: fused
+
+
+def _decoded(key: str, value: np.ndarray, qtype) -> np.ndarray:
+    """float32 values a reader gets back from `value` stored as qtype (in GGUF's row order)."""
+    x = np.asarray(value, np.float32)
+    lora = key.rsplit(".", 1)[-1] in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+    x = x.T if lora else x  # GGUF rows of a LoRA are the official columns
+    if qtype == Q8_0:
+        x = gguf.quants.dequantize(gguf.quants.quantize(x, Q8_0), Q8_0)
+    elif qtype == Q4_K:
+        x = dequantize_q4k(quantize_q4k(x), x.shape)
+    elif qtype == F16:
+        x = x.astype(np.float16).astype(np.float32)
+    return x.T if lora else x
 
 
 @pytest.fixture(scope="module")
@@ -59,52 +110,98 @@ def exported(tmp_path_factory, weights) -> Path:
     return save_gguf(weights, tmp_path_factory.mktemp("gguf") / "model-q4k.gguf")
 
 
-def test_export_layout_matches_llama_cpp(exported: Path) -> None:
-    reader = gguf.GGUFReader(exported)
-    assert reader.get_field("general.architecture").contents() == "rwkv7"
-    meta = {k: reader.get_field("rwkv7." + k).contents() for k in (
+@pytest.mark.parametrize("out_type", OUT_TYPES)
+def test_export_layout_matches_llama_cpp(tmp_path: Path, weights, out_type: str) -> None:
+    path = save_gguf(weights, tmp_path / "m.gguf", out_type)
+    reader = gguf.GGUFReader(path)
+    field = lambda key: reader.get_field(key).contents()  # noqa: E731
+    assert field("general.architecture") == "rwkv7" and field("general.type") == "model"
+    assert field("general.name") == "m" and field("general.quantization_version") == gguf.GGML_QUANT_VERSION
+    assert field("general.file_type") == FILE_TYPES[out_type]
+    meta = {k: field("rwkv7." + k) for k in (
         "block_count", "embedding_length", "feed_forward_length", "wkv.head_size", "token_shift_count",
-        "attention.decay_lora_rank", "attention.iclr_lora_rank",
-        "attention.value_residual_mix_lora_rank", "attention.gate_lora_rank")}
+        "attention.decay_lora_rank", "attention.iclr_lora_rank", "context_length",
+        "attention.value_residual_mix_lora_rank", "attention.gate_lora_rank", "attention.head_count")}
     assert meta == {"block_count": 2, "embedding_length": 256, "feed_forward_length": 1024,
                     "wkv.head_size": 64, "token_shift_count": 2, "attention.decay_lora_rank": 32,
                     "attention.iclr_lora_rank": 48, "attention.value_residual_mix_lora_rank": 16,
-                    "attention.gate_lora_rank": 64}
+                    "attention.gate_lora_rank": 64, "context_length": 1048576, "attention.head_count": 0}
     got = {t.name: t.shape.tolist() for t in reader.tensors}
     assert got == _llama_cpp_shapes(CONFIG)
     types = {t.name: t.tensor_type for t in reader.tensors}
-    linear = [n for n in got if n.endswith(("_key.weight", "_value.weight", "_receptance.weight",
-                                            "time_mix_output.weight")) or n == "output.weight"]
-    assert len(linear) == 2 * 6 + 1 and all(types[n] == Q4_K for n in linear)
-    assert all(types[n] == F32 for n in got if n not in linear)  # bfloat16 input -> exact F32
+    assert types == {name: _converter_type(name, ne, out_type) for name, ne in got.items()}
+    # the file type names the type of the big matrices (llama.cpp's own guess for a mostly-Q4_K file)
+    linear = {types[n] for n in got if _is_linear(n)}
+    assert linear == {{"q4_k": Q4_K, "q8_0": Q8_0, "f16": F16, "f32": F32}[out_type]}
 
 
-def test_round_trip(exported: Path, weights: dict[str, np.ndarray]) -> None:
-    model = load_gguf(exported)
+@pytest.mark.parametrize("out_type", OUT_TYPES)
+def test_round_trip(tmp_path: Path, weights, out_type: str) -> None:
+    """Every tensor comes back as its source stored in its converter type: Q4_K blocks exactly
+    those of quantize_q4k, Q8_0 exactly gguf's own encoding, F16 the rounded source, F32 exact."""
+    model = load_gguf(save_gguf(weights, tmp_path / "m.gguf", out_type))
     assert model.config == CONFIG and model.format == "gguf" and model.tokens is None
-    expected = quantize_model(weights, progress=False)
+    expected = dict(weights)
     for key in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"):
         del expected[key]  # unused by layer 0; the GGUF holds llama.cpp's dummies, dropped on import
     assert model.weights.keys() == expected.keys()
-    bad = [k for k in expected if not _same(model.weights[k], expected[k])]
-    assert not bad
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    for key, source in expected.items():
+        got = model.weights[key]
+        qtype = types[_gguf_name(key)]
+        if qtype == Q4_K:
+            assert isinstance(got, Q4KTensor)
+            np.testing.assert_array_equal(got.blocks, quantize_q4k(np.asarray(source, np.float32)), key)
+            continue
+        # F16/F32 keep their dtype; Q8_0 decodes to float16 for the big matrices, float32 for the LoRAs
+        big = is_quantizable(key) or key == "emb.weight"
+        assert got.dtype == (np.float16 if qtype == F16 or qtype == Q8_0 and big else np.float32), key
+        np.testing.assert_array_equal(got.astype(np.float32), _decoded(key, source, qtype).reshape(got.shape)
+                                      .astype(got.dtype).astype(np.float32), key)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_round_trip_dense(tmp_path: Path, dtype: str) -> None:
-    """Without quantization every tensor comes back with its values and dtype (F16/F32)."""
-    w = synthesize(CONFIG, seed=4, dtype=dtype)
-    model = load_gguf(save_gguf(w, tmp_path / "dense.gguf", quantize=False))
-    for key, value in model.weights.items():
-        assert _same(value, w[key]), key
-    assert model.weights["head.weight"].dtype == np.dtype(dtype)
-    assert model.weights["blocks.1.att.key.weight"].dtype == np.dtype(dtype)
+def test_gguf_referees_our_blocks(exported: Path) -> None:
+    """gguf's own decoder reads our Q4_K and Q8_0 tensors as we do."""
+    for path in (exported, save_gguf(synthesize(CONFIG, seed=5), exported.with_name("q8.gguf"), "q8_0")):
+        model = load_gguf(path)
+        checked = 0
+        for t in gguf.GGUFReader(path).tensors:
+            if t.tensor_type not in (Q4_K, Q8_0) or not _is_linear(t.name):
+                continue
+            theirs = gguf.quants.dequantize(t.data, t.tensor_type)
+            layer, local = t.name.split(".", 2)[1:]
+            ours = model.weights[f"blocks.{layer}.{dict(map(reversed, LAYER.items()))[local]}"]
+            ours = ours.dequantize() if isinstance(ours, Q4KTensor) else ours.astype(np.float32)
+            np.testing.assert_array_equal(ours, theirs.astype(ours.dtype if t.tensor_type == Q4_K else np.float16)
+                                          .astype(np.float32))
+            checked += 1
+        assert checked == 6 * CONFIG.n_layer
 
 
 def test_head_kept_dense(tmp_path: Path, weights) -> None:
-    model = load_gguf(save_gguf(weights, tmp_path / "m.gguf", include_head=False))
-    assert not isinstance(model.weights["head.weight"], Q4KTensor)
-    assert isinstance(model.weights["blocks.1.ffn.value.weight"], Q4KTensor)
+    for out_type in ("q4_k", "q8_0"):
+        path = save_gguf(weights, tmp_path / f"{out_type}.gguf", out_type, include_head=False)
+        types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+        assert types["output.weight"] == F16 and types["blk.1.channel_mix_value.weight"] != F16
+
+
+def test_tokenizer_metadata(tmp_path: Path) -> None:
+    """As _set_vocab_rwkv_world: "<s>" control token 0 = bos = eos, eot = "\\n\\n", the chat template."""
+    tokens = [b""] + [b"a", b"\n\n", b"b"] * 2
+    path = save_gguf(synthesize(CONFIG, seed=1), tmp_path / "m.gguf", "f16", tokens=tokens)
+    reader = gguf.GGUFReader(path)
+    field = lambda key: reader.get_field(key).contents()  # noqa: E731
+    assert field("tokenizer.ggml.model") == "rwkv"
+    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")) == (0, 0)
+    assert field("tokenizer.ggml.eot_token_id") == 2  # the first "\n\n"
+    assert "'User: ' + message['content']|trim" in field("tokenizer.chat_template")
+    texts = field("tokenizer.ggml.tokens")
+    assert texts[:4] == ["<s>", "a", "\\n\\n", "b"] and texts[7] == "[PAD7]" and len(texts) == CONFIG.vocab_size
+    types = field("tokenizer.ggml.token_type")
+    assert types[:2] == [gguf.TokenType.CONTROL, gguf.TokenType.NORMAL] and types[7] == gguf.TokenType.UNUSED
+    no_eot = save_gguf(synthesize(CONFIG, seed=1), tmp_path / "n.gguf", "f16", tokens=[b"", b"a"])
+    assert gguf.GGUFReader(no_eot).get_field("tokenizer.ggml.eot_token_id") is None
 
 
 # ---- tensors of other types, as other tools write them -------------------------------------------
@@ -129,15 +226,10 @@ def _rewrite(src: Path, dst: Path, convert: Converter, arch: str = "rwkv7") -> P
     return dst
 
 
-def _is_linear(name: str) -> bool:
-    return name.endswith(("time_mix_key.weight", "time_mix_value.weight", "time_mix_receptance.weight",
-                          "time_mix_output.weight", "channel_mix_key.weight", "channel_mix_value.weight"))
-
-
 @pytest.mark.parametrize("requantize", [False, True])
 def test_q8_0_and_q4k_embedding(tmp_path: Path, weights, requantize: bool) -> None:
     """Q8_0 linear weights decode to float16 (or requantize to Q4_K); a Q4_K embedding decodes."""
-    dense_file = save_gguf(weights, tmp_path / "dense.gguf", quantize=False)
+    dense_file = save_gguf(weights, tmp_path / "dense.gguf", "f32")
 
     def convert(name: str, x: np.ndarray) -> list[tuple[str, np.ndarray, object]]:
         if _is_linear(name):
@@ -181,7 +273,7 @@ def test_world_vocab_round_trip(tmp_path: Path) -> None:
     w = {k: v[:, :256] if k in ("emb.weight", "head.weight") else v
          for k, v in synthesize(config, dtype="float16").items()}  # tiny arrays, real vocab size
     tokens = [vocab.get(i, b"") for i in range(65536)]
-    model = load_gguf(save_gguf(w, tmp_path / "world.gguf", tokens=tokens, quantize=False))
+    model = load_gguf(save_gguf(w, tmp_path / "world.gguf", "f16", tokens=tokens))
     assert model.tokens == tokens and model.world_vocab
     reader = gguf.GGUFReader(tmp_path / "world.gguf")
     texts = reader.get_field("tokenizer.ggml.tokens").contents()
@@ -228,5 +320,5 @@ def test_failed_export_leaves_nothing(tmp_path: Path, weights) -> None:
     target = tmp_path / "keep.gguf"
     target.write_bytes(b"old")
     with pytest.raises(ValueError, match="tokens"):
-        save_gguf(weights, target, tokens=[b"x"] * 2000, quantize=False)
+        save_gguf(weights, target, "f16", tokens=[b"x"] * 2000)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.gguf"]

@@ -193,7 +193,7 @@ def test_quantize_file(tmp_path, small_weights: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(loaded.weights["blocks.1.att.key.weight"].blocks,
                                   expected["blocks.1.att.key.weight"].blocks)
     assert not isinstance(loaded.weights["head.weight"], Q4KTensor)
-    with pytest.raises(ValueError, match="overwrite"):
+    with pytest.raises(ValueError, match="write over the input"):
         quantize_file(src, src)
 
 
