@@ -17,8 +17,14 @@ import mlx.core as mx
 Backend = Literal["metal", "cuda"]
 
 # Index variables every body may use; the Metal names make MLX declare the attributes.
+# Bodies take lane = tid % SIMD_WIDTH and SIMD-group = tid / SIMD_WIDTH (SIMD_SUM and
+# SIMD_SHUFFLE_XOR combine threads 32 g .. 32 g + 31). CUDA documents that warps are formed from
+# consecutive threadIdx.x (Programming Guide, "SIMT Architecture"), so tid is threadIdx.x. Apple
+# documents no such order, so on Metal tid is built from the SIMD-group and lane the hardware
+# reports: a renumbering of the threadgroup's threads under which the bodies' assumption holds
+# whatever the device's order (one multiply-add per thread, outside every loop).
 _INDEX_LINES: dict[str, str] = {
-    "metal": "const uint tid = thread_position_in_threadgroup.x;\n"
+    "metal": "const uint tid = simdgroup_index_in_threadgroup * SIMD_WIDTH + thread_index_in_simdgroup;\n"
     "const uint gid = threadgroup_position_in_grid.x;\n",
     "cuda": "const uint tid = threadIdx.x;\nconst uint gid = blockIdx.x;\n",
 }

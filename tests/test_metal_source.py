@@ -244,7 +244,7 @@ def test_cuda_body_is_the_metal_body(name):
         assert body.endswith(inc), f"the {backend} body is not {name}.inc verbatim"
         prefix = body[: len(body) - len(inc)]
         lines = [x for x in prefix.splitlines() if x.strip()]
-        assert all(re.fullmatch(r"const uint \w+ = [\w.]+;", x) for x in lines), prefix
+        assert all(re.fullmatch(r"const uint \w+ = [\w.*+ ]+;", x) for x in lines), prefix
         declared[backend] = [x.split()[2] for x in lines]
     assert declared["metal"] == declared["cuda"]
 
