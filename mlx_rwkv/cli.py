@@ -30,6 +30,13 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=check.existing_file,
                    help="checkpoint: .pth, .safetensors, rwkv.cpp .bin, rwkv7 .gguf, or a Q4_K file "
@@ -176,7 +183,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mlx-rwkv", description="RWKV-7 inference on MLX (Metal, CUDA, CPU)",
+    ap = Parser(prog="mlx-rwkv", description="RWKV-7 inference on MLX (Metal, CUDA, CPU)",
                                  formatter_class=HelpFormatter)
     ap.add_argument("--version", action="version", version=f"mlx-rwkv {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
