@@ -179,6 +179,7 @@ EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "norm_mix": _norm_mix_call,
     "q4k_dequant": _q4k_call,
     "matvec": _matvec_call,
+    "simd_probe": lambda dtype: importlib.import_module("mlx_rwkv.doctor").simd_probe(256),
 }
 
 
