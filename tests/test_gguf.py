@@ -13,7 +13,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from mlx_rwkv.checkpoint import save_checkpoint  # noqa: E402
+from mlx_rwkv.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from mlx_rwkv.config import CheckpointError, ModelConfig  # noqa: E402
 from mlx_rwkv.convert import convert  # noqa: E402
 from mlx_rwkv.gguf_io import GLOBALS, LAYER, escape_token, load_gguf, save_gguf, unescape_token  # noqa: E402
@@ -322,3 +322,142 @@ def test_failed_export_leaves_nothing(tmp_path: Path, weights) -> None:
     with pytest.raises(ValueError, match="tokens"):
         save_gguf(weights, target, "f16", tokens=[b"x"] * 2000)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.gguf"]
+
+
+# ---- convert: any input to GGUF or our .safetensors --------------------------------------------
+
+BYTES = ModelConfig(n_layer=2, n_embd=256, head_size=64, vocab_size=256,
+                    d_decay=32, d_aaa=48, d_mv=16, d_gate=64, d_ffn=1024)
+TOKENS = list(b"Hello world")
+
+
+def _logits(path: Path, quant: str | None = None) -> np.ndarray:
+    """Our logits [T, V] for TOKENS through `mlx_rwkv.load` (float32)."""
+    from mlx_rwkv import load
+
+    model, _ = load(path, dtype="float32", quant=quant)
+    return np.array(model.forward(TOKENS, all_logits=True)[0], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A float32 .pth with a byte vocab (so GGUF exports carry a tokenizer)."""
+    return save_checkpoint(synthesize(BYTES, seed=3, dtype="float32"), tmp_path_factory.mktemp("convert") / "m.pth")
+
+
+@pytest.fixture(scope="module")
+def source_logits(source: Path) -> dict[str, np.ndarray]:
+    return {"dense": _logits(source), "q4k": _logits(source, quant="q4k")}
+
+
+# (out_type, suffix, reference, bound): max |logits - reference| / max |reference|. The F16 and
+# Q8_0 bounds are ~5x and ~3x the measured 1e-3 and 1.8e-2; a Q4_K GGUF differs from quantizing
+# at load only by its F16 embedding and LoRAs (measured 1e-3), a Q4_K .safetensors not at all.
+ROUND_TRIPS = [("f32", ".gguf", "dense", 0), ("f32", ".safetensors", "dense", 0),
+               ("f16", ".gguf", "dense", 5e-3), ("f16", ".safetensors", "dense", 5e-3),
+               ("q8_0", ".gguf", "dense", 5e-2), ("q4_k", ".gguf", "q4k", 5e-3),
+               ("q4_k", ".safetensors", "q4k", 0)]
+
+
+@pytest.mark.parametrize("out_type, suffix, reference, bound", ROUND_TRIPS)
+def test_convert_logits(source: Path, source_logits, out_type: str, suffix: str, reference: str,
+                        bound: float) -> None:
+    out = convert(source, source.with_name(f"m-{out_type}{suffix}"), out_type)
+    assert out.read_bytes()[:4] == b"GGUF" if suffix == ".gguf" else out.read_bytes()[8:9] == b"{"
+    ref = source_logits[reference]
+    assert np.abs(_logits(out) - ref).max() <= bound * np.abs(ref).max()
+
+
+def test_quantize_file_writes_real_gguf(source: Path) -> None:
+    """The data-loss bug: `quantize in.pth out.gguf` wrote safetensors under a .gguf name."""
+    from mlx_rwkv.quant import quantize_file
+
+    out = quantize_file(source, source.with_name("q.gguf"))
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+
+
+def test_convert_q4k_input(source: Path, tmp_path: Path) -> None:
+    """Our Q4_K files are accepted: their blocks pass through to a q4_k output unchanged (also
+    back from GGUF) and are decoded for a float output."""
+    weights = load_quantized(convert(source, tmp_path / "q.safetensors", "q4_k")).weights
+    key = "blocks.1.ffn.value.weight"
+    # arbitrary blocks, which the quantizer would not give back from their values: a pass-through
+    # is observable (our quantizer's own output is a fixed point of requantization)
+    rng = np.random.default_rng(0)
+    odd = rng.integers(0, 256, weights[key].blocks.shape, dtype=np.uint8).reshape(-1, 144)
+    odd[:, 0:4] = np.array([0.001, 0.0005], np.float16).view(np.uint8)  # small d, dmin
+    weights[key] = Q4KTensor(odd.reshape(weights[key].blocks.shape), weights[key].shape)
+    assert not np.array_equal(quantize_q4k(weights[key].dequantize()), weights[key].blocks)
+    q4k = save_quantized(weights, tmp_path / "odd.safetensors")
+    back = load_quantized(convert(convert(q4k, tmp_path / "q.gguf", "q4_k"), tmp_path / "back.safetensors", "q4_k"))
+    for k, v in weights.items():
+        if isinstance(v, Q4KTensor):
+            np.testing.assert_array_equal(back.weights[k].blocks, v.blocks, k)
+    got = load_checkpoint(convert(q4k, tmp_path / "f16.safetensors", "f16")).weights[key]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, weights[key].dequantize().astype(np.float16))
+
+
+def test_convert_gguf_input(source: Path, tmp_path: Path) -> None:
+    """Re-typing a GGUF keeps its tokenizer; the values are the input's, re-encoded."""
+    f16 = convert(source, tmp_path / "m-f16.gguf", "f16")
+    q8 = load_gguf(convert(f16, tmp_path / "m-q8.gguf", "q8_0"))
+    assert q8.tokens == load_gguf(f16).tokens == [b""] + [bytes([i]) for i in range(1, 256)]
+    key = "blocks.0.att.receptance.weight"
+    x = load_gguf(f16).weights[key].astype(np.float32)
+    np.testing.assert_array_equal(q8.weights[key], gguf.quants.dequantize(gguf.quants.quantize(x, Q8_0), Q8_0)
+                                  .astype(np.float16))
+
+
+@pytest.mark.parametrize("out_name, out_type, match", [
+    ("m.bin", "q4_k", r"output format from the name 'm.bin'.*\.gguf.*\.safetensors"),
+    ("m.pth", "f16", "output format"),
+    ("model", "f16", "output format"),
+    ("m.safetensors", "q8_0", r"q8_0 is a GGUF type: write it to a \.gguf"),
+    ("m.gguf", "q4_0", "unknown output type 'q4_0'"),
+    ("sub", "f16", "is a directory"),
+])
+def test_convert_refuses(source: Path, tmp_path: Path, out_name: str, out_type: str, match: str) -> None:
+    (tmp_path / "sub").mkdir()
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=match):
+        convert(source, tmp_path / out_name, out_type)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_convert_never_writes_over_its_input(source: Path, tmp_path: Path) -> None:
+    gguf_in = convert(source, tmp_path / "in.gguf", "f16")
+    data = gguf_in.read_bytes()
+    (tmp_path / "link.gguf").symlink_to(gguf_in)
+    for out in (gguf_in, tmp_path / "." / "in.gguf", tmp_path / "link.gguf"):
+        with pytest.raises(ValueError, match="write over the input"):
+            convert(gguf_in, out, "q4_k")
+    assert gguf_in.read_bytes() == data
+
+
+def test_convert_file_mode_follows_umask(source: Path, tmp_path: Path) -> None:
+    umask = os.umask(0o027)
+    try:
+        for name, out_type in (("m.gguf", "q8_0"), ("m.safetensors", "q4_k"), ("d.safetensors", "f16")):
+            assert convert(source, tmp_path / name, out_type).stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
+def test_missing_gguf_package(source: Path, tmp_path: Path, monkeypatch) -> None:
+    """Without `gguf`, GGUF input or output fails up front with one line; .safetensors still works."""
+    gguf_file = convert(source, tmp_path / "m.gguf", "f16")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    monkeypatch.delitem(sys.modules, "mlx_rwkv.gguf_io")
+    message = r"^GGUF needs the gguf package: pip install 'mlx-rwkv\[gguf\]'$"
+    for src, out in ((source, tmp_path / "x.gguf"), (gguf_file, tmp_path / "x.safetensors")):
+        with pytest.raises(ImportError, match=message) as info:
+            convert(src, out, "f16")
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+    from mlx_rwkv.loading import read_weights
+
+    with pytest.raises(ImportError, match=message):
+        read_weights(gguf_file)
+    assert convert(source, tmp_path / "ok.safetensors", "q4_k").is_file()
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.safetensors").exists()
