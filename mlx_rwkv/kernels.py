@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable, Literal
+from typing import Callable, Hashable, Literal, Sequence
 
 import mlx.core as mx
 
@@ -73,3 +73,29 @@ def get_kernel(spec: KernelSpec) -> Callable | None:
     """The compiled-on-first-use kernel for the current backend, or None on CPU."""
     backend = gpu_backend()
     return None if backend is None else _build(spec, backend)
+
+
+# Threads per threadgroup that every launch may use without a probe. Apple's limit is per
+# pipeline (maxTotalThreadsPerThreadgroup: up to 1024, lower under register pressure) and MLX
+# raises "Thread group size (n) is greater than the maximum allowed threads per threadgroup (m)"
+# when a launch exceeds it, at evaluation, so wrappers with larger threadgroups probe first.
+SAFE_THREADS = 256
+_THREADGROUP_ERROR = "thread group size"
+_threadgroup_fits: dict[Hashable, bool] = {}
+
+
+def threadgroup_fits(key: Hashable, probe: Callable[[], Sequence[mx.array]]) -> bool:
+    """Whether the launch configuration `key` (a kernel instantiation whose threadgroup exceeds
+    SAFE_THREADS) runs on this device. The first call per key evaluates `probe()`, the same
+    instantiation on tiny inputs, and catches MLX's thread-group-size error; the answer holds
+    for the rest of the process, so callers fall back (a smaller configuration or MLX ops) at
+    first use instead of failing mid-generation. Any other error propagates."""
+    if key not in _threadgroup_fits:
+        try:
+            mx.eval(probe())
+            _threadgroup_fits[key] = True
+        except (ValueError, RuntimeError) as error:
+            if _THREADGROUP_ERROR not in str(error).lower():
+                raise
+            _threadgroup_fits[key] = False
+    return _threadgroup_fits[key]

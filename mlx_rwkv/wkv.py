@@ -6,7 +6,9 @@ Three implementations of one computation:
 - `wkv7_scan` + `wkv7_finish` kernels, for prefill: the recurrence with the per-token vector
   math fused in (8 lanes per state row, head sizes 32 and 64), then GroupNorm, bonus and gate
   token-parallel;
-- `wkv7_reference`: pure MLX (the CPU path, other head sizes, the kernels' test oracle).
+- `wkv7_reference`: MLX ops around a token-by-token recurrence (other head sizes on a GPU, the
+  kernels' test oracle); on the CPU its recurrence runs chunk by chunk in numpy
+  (`chunked_recurrence`, matrix products instead of a step per token).
 All keep the state and the decay in fp32.
 """
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 
-from .kernels import KernelSpec, get_kernel
+from .kernels import SAFE_THREADS, KernelSpec, get_kernel, threadgroup_fits
 
 WKV7_FUSED = KernelSpec(
     name="wkv7",
@@ -44,6 +47,10 @@ SCAN_GROUP_ROWS = 16  # state rows per threadgroup: 16 at 1.5B gives 128 threadg
 SCAN_STAGE_TOKENS = 8  # tokens per stage, double-buffered: 22 KB of shared memory at N = 64
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
+# chunked_recurrence's chunk: the decay products over a chunk stay >= 0.545^16 = 6e-5, so their
+# reciprocals are harmless in fp32 (measured error vs float64 as the token loop's, 1e-7);
+# 8-32 ran at the same speed, 64 slower (2 Xeon cores, H = 12, N = 64)
+CPU_CHUNK = 16
 
 
 def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
@@ -56,25 +63,46 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     params: fp32 (C,) vectors named in PARAM_NAMES; state: (B, H, N, N) fp32, S[b, h, v, k].
     Returns y (B, T, C) in the activation dtype, ready for the output projection, and the state.
     """
-    B, T, C = r.shape
-    N, lpr = state.shape[-1], FUSED_LANES_PER_ROW
+    T, N, lpr = r.shape[1], state.shape[-1], FUSED_LANES_PER_ROW
     fits = N % lpr == 0 and N * lpr % SIMD_WIDTH == 0 and N * lpr <= FUSED_MAX_THREADS
     fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T and fits else None
-    if fused is not None:
-        H = state.shape[1]
-        first = v_first is None
-        y, new_state = fused(
-            inputs=[r, k, v, g, lw, la, v if first else lv, v if first else v_first,
-                    *(params[n] for n in PARAM_NAMES), state, mx.array([T], dtype=mx.int32)],
-            template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr)],
-            grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
-            output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
-        return y, new_state
+    if fused is not None and (N * lpr <= SAFE_THREADS or _fused_fits(fused, r.dtype, state.shape[1], N,
+                                                                      v_first is None)):
+        return _fused(fused, r, k, v, g, lw, la, lv, v_first, params, state)
     launch = scan_launch(*state.shape[:3])
     scan = get_kernel(WKV7_SCAN) if launch is not None else None
     if scan is not None:
         return _scan_and_finish(scan, launch, r, k, v, g, lw, la, lv, v_first, params, state)
-    return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
+    recurrence = chunked_recurrence if mx.default_device() == mx.cpu else _recurrence
+    return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state, recurrence)
+
+
+def _fused(fused: Callable, r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
+           lv: mx.array, v_first: mx.array | None, params: dict[str, mx.array],
+           state: mx.array) -> tuple[mx.array, mx.array]:
+    B, T, C = r.shape
+    _, H, N, _ = state.shape
+    lpr, first = FUSED_LANES_PER_ROW, v_first is None
+    y, new_state = fused(
+        inputs=[r, k, v, g, lw, la, v if first else lv, v if first else v_first,
+                *(params[n] for n in PARAM_NAMES), state, mx.array([T], dtype=mx.int32)],
+        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr)],
+        grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
+        output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
+    return y, new_state
+
+
+def _fused_fits(fused: Callable, dtype: mx.Dtype, H: int, N: int, first: bool) -> bool:
+    """Whether the fused kernel's N * FUSED_LANES_PER_ROW threads fit this instantiation's Metal
+    pipeline (probed once per process on a one-token input); otherwise decode runs on the scan
+    kernels (SCAN_GROUP_ROWS * SCAN_LANES_PER_ROW threads) or on MLX ops."""
+    def probe() -> tuple[mx.array, mx.array]:
+        act = mx.zeros((1, 1, H * N), dtype=dtype)
+        params = {n: mx.zeros((H * N,)) for n in PARAM_NAMES}
+        return _fused(fused, act, act, act, act, act, act, act, None if first else act, params,
+                      mx.zeros((1, H, N, N)))
+
+    return threadgroup_fits((WKV7_FUSED, dtype, H, N, first, FUSED_LANES_PER_ROW), probe)
 
 
 ScanLaunch = tuple[list[tuple[str, int]], int, int]  # layout template arguments, grid, threadgroup
@@ -115,9 +143,11 @@ def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.arra
     return y, new_state
 
 
-def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.array, mx.array]:
-    """Token-parallel MLX ops around a token-by-token recurrence (the CPU path; on a GPU, head
-    sizes that the kernels do not support)."""
+def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state,
+                   recurrence: Callable = None) -> tuple[mx.array, mx.array]:
+    """Token-parallel MLX ops around the recurrence (by default `_recurrence`, token by token;
+    on a GPU, head sizes that the kernels do not support; the CPU passes `chunked_recurrence`)."""
+    recurrence = recurrence or _recurrence
     B, T, C = r.shape
     _, H, N, _ = state.shape
     f32 = lambda x: x.astype(mx.float32).reshape(B, T, H, N)  # noqa: E731  (B, T, H, N)
@@ -130,7 +160,7 @@ def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.a
     kk = k32 * p["k_k"]
     kk = kk / mx.maximum(mx.sqrt(mx.sum(kk * kk, axis=-1, keepdims=True)), 1e-12)
     k32 = k32 * (1 + (a - 1) * p["k_a"])
-    y, state = _recurrence(r32, w, k32, v32, -kk, kk * a, state)  # (B, T, H, N)
+    y, state = recurrence(r32, w, k32, v32, -kk, kk * a, state)  # (B, T, H, N)
     mean = mx.mean(y, axis=-1, keepdims=True)
     var = mx.mean(mx.square(y - mean), axis=-1, keepdims=True)
     y = (y - mean) / mx.sqrt(var + GROUP_NORM_EPS) * p["ln_w"] + p["ln_b"]
@@ -147,3 +177,41 @@ def _recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
         state = state * w[:, t, :, None, :] + sa * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
         ys.append((state @ r[:, t, :, :, None])[..., 0])
     return mx.stack(ys, axis=1), state
+
+
+def chunked_recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
+    """`_recurrence` in numpy, CPU_CHUNK tokens at a time as matrix products (fp32).
+
+    Within a chunk of L tokens from state S_0, with G_t = w_1 ... w_t (elementwise, G_0 = 1) and
+    u_t = S_{t-1} a_t, unrolling S_t = S_{t-1} diag(w_t) + u_t b_t^T + v_t k_t^T gives
+        S_t = S_0 diag(G_t) + sum_{s<=t} (u_s b_s^T + v_s k_s^T) diag(G_t / G_s).
+    With the scaled rows a'_t = a_t G_{t-1}, r'_t = r_t G_t, b'_s = b_s / G_s, k'_s = k_s / G_s
+    (rows of (L, N) matrices A', R', B', K'; U, V, Y: (L, N) rows u_t, v_t, y_t):
+        U = A' S_0^T + tril(A' B'^T, -1) U + tril(A' K'^T, -1) V   (a unit lower-triangular solve)
+        Y = R' S_0^T + tril(R' B'^T) U + tril(R' K'^T) V
+        S_L = S_0 diag(G_L) + U^T (B' diag(G_L)) + V^T (K' diag(G_L)).
+    A token loop costs a few numpy calls per token on (B, H, N, N); this costs ~20 per chunk.
+    """
+    f32 = lambda x: np.asarray(x).transpose(0, 2, 1, 3).astype(np.float32)  # noqa: E731  (B, H, T, N)
+    r, w, k, v, a, b = map(f32, (r, w, k, v, a, b))  # evaluates the MLX inputs
+    S = np.array(state, dtype=np.float32)  # (B, H, N, N) S[v, k]
+    T = r.shape[2]
+    y = np.empty_like(r)
+    for start in range(0, T, CPU_CHUNK):
+        t = slice(start, start + CPU_CHUNK)
+        rc, wc, kc, vc, ac, bc = (x[:, :, t] for x in (r, w, k, v, a, b))
+        L = rc.shape[2]
+        G = np.cumprod(wc, axis=2)  # (B, H, L, N): G_t
+        G_before = np.concatenate([np.ones_like(G[:, :, :1]), G[:, :, :-1]], axis=2)  # G_{t-1}
+        a_, r_, b_, k_ = ac * G_before, rc * G, bc / G, kc / G
+        strict = np.tri(L, k=-1, dtype=np.float32)  # s < t
+        upto = strict + np.eye(L, dtype=np.float32)  # s <= t
+        St = S.swapaxes(-1, -2)
+        m_ab = (a_ @ b_.swapaxes(-1, -2)) * strict
+        m_ak = (a_ @ k_.swapaxes(-1, -2)) * strict
+        u = np.linalg.solve(np.eye(L, dtype=np.float32) - m_ab, a_ @ St + m_ak @ vc)
+        y[:, :, t] = (r_ @ St + ((r_ @ b_.swapaxes(-1, -2)) * upto) @ u
+                      + ((r_ @ k_.swapaxes(-1, -2)) * upto) @ vc)
+        G_last = G[:, :, -1:, :]
+        S = S * G_last + u.swapaxes(-1, -2) @ (b_ * G_last) + vc.swapaxes(-1, -2) @ (k_ * G_last)
+    return mx.array(y.transpose(0, 2, 1, 3)), mx.array(S)

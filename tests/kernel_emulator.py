@@ -34,17 +34,35 @@ NP_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint
             mx.uint32: np.uint32}  # bfloat16 travels as its bits
 BUILD_DIR = Path(tempfile.gettempdir()) / "rwkv_kernel_emulator"
 
-PRELUDE = r"""
+# The Metal names that metal_kernels/prelude_metal.h and the Metal index lines use, implemented
+# on the CPU; the prelude itself follows verbatim, so SIMD_SUM, SHARED, LOAD_U4, F16_BITS, ...
+# run with the meanings Metal gives them.
+METAL_ON_CPU = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <ucontext.h>
 #include <vector>
 typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef _Float16 half;  // IEEE binary16, round to nearest even: Metal's half
 using std::max; using std::min; using std::exp; using std::sqrt; using std::tanh;
-struct uint4 { uint x, y, z, w; };
-struct float2 { float x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
+template <typename To, typename From> To as_type(From x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type: the two types differ in size");
+  To to; std::memcpy(&to, &x, sizeof(To)); return to;
+}
+static int emu_misaligned = 0;  // a 16-byte load or store at an address that is not 16-byte aligned
+static inline void emu_check_align(const void* p) { emu_misaligned |= (reinterpret_cast<unsigned long>(p) % 16) != 0; }
+struct alignas(16) uint4 {  // copies check 16-byte alignment, as Metal's uint4 loads and stores need
+  uint x, y, z, w;
+  uint4() = default;
+  uint4(uint x_, uint y_, uint z_, uint w_) : x(x_), y(y_), z(z_), w(w_) {}
+  uint4(const uint4& o) : x(o.x), y(o.y), z(o.z), w(o.w) { emu_check_align(&o); }
+  uint4& operator=(const uint4& o) { emu_check_align(this); x = o.x; y = o.y; z = o.z; w = o.w; return *this; }
+};
+struct half2 { half x, y; };
+struct float2 { float x, y; float2() = default; float2(float x_, float y_) : x(x_), y(y_) {} explicit float2(half2 h) : x(h.x), y(h.y) {} };
+struct alignas(16) float4 { float x, y, z, w; float4() = default; float4(float x_, float y_, float z_, float w_) : x(x_), y(y_), z(z_), w(w_) {} };
 struct emu_bf16 {  // bfloat16 as the GPU types behave: float in, round to nearest even
   unsigned short bits;
   emu_bf16() = default;
@@ -72,7 +90,23 @@ struct EmuBarrier {
 static EmuBarrier emu_group;
 static EmuBarrier emu_warps[32];
 static float emu_lanes[32][32];
-static float emu_simd_sum(float v) {
+// Metal's thread attributes: emulated thread t is lane t % 32 of SIMD-group t / 32
+#define thread_index_in_simdgroup (emu_current % 32)
+#define simdgroup_index_in_threadgroup (emu_current / 32)
+struct EmuGroupPosition { uint x, y, z; };
+#define threadgroup_position_in_grid (EmuGroupPosition{emu_gid, 0, 0})
+#define thread_position_in_threadgroup (EmuGroupPosition{emu_current, 0, 0})
+// Metal's address spaces: threadgroup variables live in one section, filled with NaN bytes
+// before every threadgroup (a read before any write gives NaN, not the last group's values)
+#define device
+#define constant
+#define thread
+#define threadgroup static __attribute__((section("emu_tg"), aligned(16)))
+extern "C" char __start_emu_tg[] __attribute__((weak));
+extern "C" char __stop_emu_tg[] __attribute__((weak));
+enum class mem_flags { mem_none, mem_device, mem_threadgroup };
+static void threadgroup_barrier(mem_flags) { emu_group.wait(); }
+static float simd_sum(float v) {
   const uint w = emu_current / 32;
   emu_lanes[w][emu_current % 32] = v;
   emu_warps[w].wait();
@@ -82,7 +116,7 @@ static float emu_simd_sum(float v) {
   return s;
 }
 static int emu_bad_shuffle = 0;  // a shuffle from a lane past the end of a partial SIMD-group
-static float emu_shuffle_xor(float v, uint mask) {
+static float simd_shuffle_xor(float v, ushort mask) {
   const uint w = emu_current / 32, lane = emu_current % 32, from = lane ^ mask;
   emu_lanes[w][lane] = v;
   emu_warps[w].wait();
@@ -91,45 +125,15 @@ static float emu_shuffle_xor(float v, uint mask) {
   emu_warps[w].wait();
   return got;
 }
-static int emu_misaligned = 0;  // a 16-byte load or store at an address that is not 16-byte aligned
-static inline uint4 emu_load_u4(const void* p) {
-  emu_misaligned |= (reinterpret_cast<unsigned long>(p) % 16) != 0;
-  uint4 q; std::memcpy(&q, p, 16); return q;
-}
-static inline float emu_as_float(uint u) { float f; std::memcpy(&f, &u, 4); return f; }
-static inline uint emu_as_uint(float f) { uint u; std::memcpy(&u, &f, 4); return u; }
-static inline void emu_store_u4(void* p, uint4 v) {
-  emu_misaligned |= (reinterpret_cast<unsigned long>(p) % 16) != 0;
-  std::memcpy(p, &v, 16);
-}
-static inline uint emu_f16_bits(float f) { _Float16 h = (_Float16)f; unsigned short b; std::memcpy(&b, &h, 2); return b; }
-static inline float2 emu_half2(uint u) {
-  _Float16 h[2]; std::memcpy(h, &u, 4); return float2{float(h[0]), float(h[1])};
-}
-#define SHARED static
-#define BARRIER() emu_group.wait()
-#define DEVICE_FN inline
-#define SIMD_WIDTH 32
-#define SIMD_SUM(v) emu_simd_sum(v)
-#define SIMD_SHUFFLE_XOR(v, mask) emu_shuffle_xor((v), (mask))
-#define MAKE_FLOAT4(x, y, z, w) (float4{(x), (y), (z), (w)})
-#define LOAD_U4(ptr) emu_load_u4((const void*)(ptr))
-#define AS_FLOAT(u) emu_as_float(uint(u))
-#define AS_UINT(f) emu_as_uint(float(f))
-#define STORE_U4(ptr, v) emu_store_u4((void*)(ptr), (v))
-#define MAKE_UINT4(x, y, z, w) (uint4{(x), (y), (z), (w)})
-#define F16_BITS(f) emu_f16_bits(float(f))
-#define HALF2_TO_FLOAT2(u) emu_half2(uint(u))
-#define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))
 """
 
 RUNNER = r"""
-static void body(uint tid, uint gid{params}) {{
+static void body({params}) {{
 {source}
 }}
 static void emu_entry() {{
   void** args = emu_args;
-  body(emu_current, emu_gid{call});
+  body({call});
   emu_fibers[emu_current].done = true;
 }}
 extern "C" int run(uint groups, uint threads, void** args) {{
@@ -141,6 +145,7 @@ extern "C" int run(uint groups, uint threads, void** args) {{
   for (uint w = 0; w < 32; ++w) emu_warps[w].n = std::min(32u, threads - std::min(threads, 32 * w));
   for (uint g = 0; g < groups; ++g) {{
     emu_gid = g;
+    if (__start_emu_tg) std::memset(__start_emu_tg, 0xFF, __stop_emu_tg - __start_emu_tg);  // NaN
     for (uint t = 0; t < threads; ++t) {{
       EmuFiber& f = emu_fibers[t];
       f.stack.resize(1 << 16);
@@ -204,9 +209,9 @@ class EmulatedKernel:
         for i, (name, dt) in enumerate(zip(self.spec.outputs, output_dtypes)):
             params.append(f"{C_TYPES[dt]}* {name}")
             call.append(f"({C_TYPES[dt]}*)args[{len(inputs) + i}]")
-        source = (PRELUDE + "\n".join(lines) + RUNNER.format(
-            params="".join(", " + p for p in params), call="".join(", " + c for c in call),
-            source=kernels.read_source(f"{self.spec.name}.inc")))
+        header, body = kernels.render(self.spec, "metal")
+        source = (METAL_ON_CPU + header + "\n" + "\n".join(lines) + RUNNER.format(
+            params=", ".join(params), call=", ".join(call), source=body))
         lib = _library(source)
         threads = threadgroup[0]
         assert grid[0] % threads == 0, "grids count threads: a whole number of threadgroups"
