@@ -138,11 +138,9 @@ def _f64(a: mx.array | np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def _require_gpu() -> str:
-    backend = kernels.gpu_backend()
-    if backend is None:
+def _require_gpu() -> None:
+    if kernels.gpu_backend() is None:
         raise Skip("no GPU backend")
-    return backend
 
 
 def _reference(fn: Callable, *args):

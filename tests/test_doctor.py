@@ -138,11 +138,15 @@ def test_probe_kernel_emulated(threads):
 
 
 def test_probe_check_catches_a_device_whose_shuffles_differ():
-    """The emulator with xor shuffles that pair other lanes (mask m acts as 2m mod 32)."""
+    """The probe in the emulator, its xor masks doubled (mod 32): shuffles that pair other lanes."""
     read = kernels.read_source
-    plant = "#undef SIMD_SHUFFLE_XOR\n#define SIMD_SHUFFLE_XOR(v, mask) emu_shuffle_xor((v), ((mask) << 1) & 31u)\n"
-    with emulated_kernels(), mock.patch.object(
-            kernels, "read_source", lambda f: plant + read(f) if f == "simd_probe.inc" else read(f)):
+    assert "SIMD_SHUFFLE_XOR(v, 1u << j)" in read("simd_probe.inc")
+
+    def planted(filename: str) -> str:
+        text = read(filename)
+        return text.replace("1u << j", "(2u << j) & 31u") if filename == "simd_probe.inc" else text
+
+    with emulated_kernels(), mock.patch.object(kernels, "read_source", planted):
         outcome = doctor.check_simd_lanes()
     assert not outcome.passed and "shuffle_xor 1:" in outcome.detail and "simd_sum" not in outcome.detail
 
