@@ -1,15 +1,18 @@
-"""Run the portable kernel bodies (metal_kernels/*.inc) on the CPU, as C++ coroutines.
+"""Run the kernels' Metal instantiation on the CPU, as C++ coroutines.
 
 `emulated_kernels()` patches `mlx_rwkv.kernels` so that every `get_kernel(spec)` returns a
-callable with the signature of an `mx.fast` kernel. The call generates C++ from the same body
-the GPU compiles (a small prelude maps the portable vocabulary: SHARED arrays, BARRIER() as a
-threadgroup barrier, SIMD_SUM and SIMD_SHUFFLE_XOR as 32-lane exchanges through memory between
-barriers, 16-byte loads, fp16 via _Float16), builds it with g++ once per instantiation and runs each threadgroup
-with one coroutine (ucontext) per GPU thread on one OS thread: a barrier yields until every
-participant has arrived, so the interleaving is deterministic. So the production wrappers (ProjectionGroup, norm_mix, wkv7)
-run end to end with their kernels in CI, where no GPU exists; bugs in the kernels' index
-arithmetic, staging and reductions show up there. Backend intrinsics themselves (warp
-shuffles, simd_sum) only run on the GPU host.
+callable with the signature of an `mx.fast` kernel. The call builds, with g++, what
+mx.fast.metal_kernel would compile: the Metal prelude (metal_kernels/prelude_metal.h, verbatim)
+and the Metal body with its index lines, on top of METAL_ON_CPU, CPU implementations of the Metal
+names the prelude uses (simd_sum and simd_shuffle_xor as 32-lane exchanges between barriers,
+threadgroup_barrier, as_type, half as IEEE binary16, the SIMD-group attributes, uint4 copies that
+check 16-byte alignment). Each threadgroup runs with one coroutine (ucontext) per GPU thread on
+one OS thread: a barrier yields until every participant has arrived, so the interleaving is
+deterministic. Threadgroup memory is filled with NaN bytes before every threadgroup, so a read
+before a write shows in the results. So the production wrappers (ProjectionGroup, norm_mix,
+wkv7) run end to end with their kernels in CI, where no GPU exists; bugs in the kernels' index
+arithmetic, staging and reductions show up there. The hardware's own intrinsics only run on the
+GPU host.
 """
 from __future__ import annotations
 
@@ -189,10 +192,15 @@ def _library(source: str) -> ctypes.CDLL:
 class EmulatedKernel:
     """Stands in for `mx.fast.metal_kernel(...)` / `cuda_kernel(...)` of one KernelSpec."""
 
-    def __init__(self, spec: kernels.KernelSpec):
-        self.spec = spec
+    def __init__(self, spec: kernels.KernelSpec, max_threads: int, launched: list[str]):
+        self.spec, self.max_threads, self.launched = spec, max_threads, launched
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
+        if threads > self.max_threads:  # MLX's message (mlx/backend/metal/custom_kernel.cpp)
+            raise ValueError(f"Thread group size ({threads}) is greater than  the maximum allowed "
+                             f"threads per threadgroup ({self.max_threads}).")
+        self.launched.append(self.spec.name)
         ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
         outs = [np.full(shape, np.nan if dt in (mx.float32, mx.float16) else 0xFFC0 if dt == mx.bfloat16 else 0,
                         NP_TYPES[dt]) for shape, dt in zip(output_shapes, output_dtypes)]
@@ -227,12 +235,17 @@ class EmulatedKernel:
 
 
 @contextlib.contextmanager
-def emulated_kernels():
-    """Within the block, `kernels.get_kernel` returns CPU-emulated kernels (needs g++)."""
+def emulated_kernels(max_threads: int = 1024):
+    """Within the block, `kernels.get_kernel` returns CPU-emulated kernels (needs g++); yields
+    the names of the kernels launched, in order. A launch of more than `max_threads` threads per
+    threadgroup raises MLX's error, as a Metal pipeline with that maxTotalThreadsPerThreadgroup
+    does; threadgroup_fits' answers are forgotten on entry and exit."""
     if shutil.which("g++") is None:
         import pytest
 
         pytest.skip("needs g++ to emulate the kernels")
-    with mock.patch.object(kernels, "gpu_backend", lambda: "cuda"), \
-            mock.patch.object(kernels, "_build", lambda spec, backend: EmulatedKernel(spec)):
-        yield
+    launched: list[str] = []
+    with mock.patch.object(kernels, "gpu_backend", lambda: "metal"), \
+            mock.patch.object(kernels, "_build", lambda spec, backend: EmulatedKernel(spec, max_threads, launched)), \
+            mock.patch.object(kernels, "_threadgroup_fits", {}):
+        yield launched

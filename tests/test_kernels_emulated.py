@@ -140,3 +140,64 @@ def test_matvec_falls_back_where_16_byte_loads_would_misalign():
             group = ProjectionGroup(segments, mx.float16)
             assert group.kernel is None
             close(group(x, 2), want, 0)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_wkv7_falls_back_where_the_fused_threadgroup_does_not_fit(first):
+    """A Metal pipeline that takes 256 threads (register pressure): the 512-thread fused decode
+    kernel fails its one probe, and this and every later call run the 128-thread scan kernels,
+    with the same results; where it fits, the probe passes once and the fused kernel runs."""
+    from mlx_rwkv import kernels
+
+    (r, k, v, g, lw, la, lv, vf), params, state = random_inputs(1, 1, 2, 64, mx.float32, seed=1)
+    vf = None if first else vf
+    y_want, s_want = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
+    with emulated_kernels(max_threads=256) as launched:
+        for _ in range(2):
+            y, s = wkv7(r, k, v, g, lw, la, lv, vf, params, state)
+            close(s, s_want, 1e-4)
+            close(y, y_want, 1e-4)
+        assert launched == ["wkv7_scan", "wkv7_finish"] * 2  # the failed probe launched nothing
+        assert list(kernels._threadgroup_fits.values()) == [False]
+    with emulated_kernels(max_threads=1024) as launched:
+        for _ in range(2):
+            close(wkv7(r, k, v, g, lw, la, lv, vf, params, state)[0], y_want, 1e-4)
+        assert launched == ["wkv7"] * 3  # the probe, then one launch per call
+
+
+def test_threadgroup_fits_passes_other_errors_on():
+    from mlx_rwkv import kernels
+
+    def probe():
+        raise ValueError("[metal_kernel] something else")
+
+    with emulated_kernels(), pytest.raises(ValueError, match="something else"):
+        kernels.threadgroup_fits("other", probe)
+
+
+
+
+def _run_probe(monkeypatch, body: str) -> np.ndarray:
+    """y (128,) of a 2 x 64-thread kernel with `body`, emulated."""
+    from kernel_emulator import EmulatedKernel
+    from mlx_rwkv import kernels
+
+    real = kernels.read_source
+    monkeypatch.setattr(kernels, "read_source", lambda f: body if f == "probe.inc" else real(f))
+    spec = kernels.KernelSpec(name="probe", inputs=("x",), outputs=("y",))
+    with emulated_kernels():
+        (y,) = EmulatedKernel(spec, 1024, [])(
+            inputs=[mx.arange(128, dtype=mx.float32)], template=[("N", 64)], grid=(128, 1, 1),
+            threadgroup=(64, 1, 1), output_shapes=[(128,)], output_dtypes=[mx.float32])
+    return np.array(y)
+
+
+def test_threadgroup_memory_read_before_write_fails(monkeypatch):
+    """Threadgroup memory starts as NaN in every threadgroup: a read before any write, or of
+    what another threadgroup wrote, gives NaN (on a GPU: whatever was there)."""
+    ok = "SHARED float s[N];\ns[tid] = x[gid * N + tid];\nBARRIER();\ny[gid * N + tid] = s[(tid + 1) % N];\n"
+    np.testing.assert_array_equal(_run_probe(monkeypatch, ok), np.roll(np.arange(128).reshape(2, 64), -1, 1).ravel())
+    planted = "SHARED float s[N];\ny[gid * N + tid] = s[tid];\ns[tid] = x[gid * N + tid];\n"
+    assert np.isnan(_run_probe(monkeypatch, planted)).all()
+    group_one_reads_group_zero = "SHARED float s[N];\nif (gid == 0) { s[tid] = x[tid]; }\nBARRIER();\ny[gid * N + tid] = s[tid];\n"
+    assert np.isnan(_run_probe(monkeypatch, group_one_reads_group_zero)[64:]).all()
