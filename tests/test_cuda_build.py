@@ -1,0 +1,26 @@
+"""The CUDA instantiation of the kernel bodies builds with nvcc (sm_90, as mx.fast.cuda_kernel
+compiles them on the GPU host), without local memory (a stack frame or spills would mean an
+array the compiler could not keep in registers: the hot loops' speed). Skipped without nvcc;
+bench/kernel_resources.py renders the translation units."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from bench.kernel_resources import matvec_source, resources, scan_source
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="needs the CUDA toolkit's nvcc")
+
+
+@pytest.mark.parametrize("first", [1, 0])
+def test_wkv7_scan_builds_in_registers(first):
+    used = resources(scan_source("half", 2, first), NVCC)
+    assert used["stack"] == 0 and used["spill"] == 0, used
+
+
+@pytest.mark.parametrize("has_q4k", [1, 0])
+def test_matvec_builds_in_registers(has_q4k):
+    used = resources(matvec_source("half", 1, 2, 1, has_q4k), NVCC)
+    assert used["stack"] == 0 and used["spill"] == 0, used
