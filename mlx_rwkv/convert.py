@@ -29,11 +29,14 @@ FORMATS = {".gguf": OUT_TYPES, ".safetensors": ("q4_k", "f16", "f32")}
 
 
 def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type: str,
-            include_head: bool = True, progress: bool = False) -> Path:
+            include_head: bool = True, progress: bool = False, replace: bool = False) -> Path:
     """Read `in_path`, write it to `out_path` as `out_type`; returns out_path.
 
     include_head: quantize the head too (q4_k, q8_0); False keeps a float head in F16
     (GGUF) or its dtype (.safetensors). An already-Q4_K head stays Q4_K in a q4_k output.
+    replace: whether an existing out_path may be replaced (never the input, even then); without
+    it an existing file raises OutputExistsError (a FileExistsError), also one that appears while
+    we convert.
     Checked before anything is read, each with a one-line message: ValueError when out_path
     names the input file, for a directory as either path, an unknown out_type, a suffix other
     than .gguf / .safetensors, q8_0 to .safetensors; ImportError when a GGUF is involved and
@@ -64,13 +67,13 @@ def convert(in_path: str | os.PathLike, out_path: str | os.PathLike, out_type: s
 
         config = ModelConfig.from_shapes(shapes_of(weights))
         return save_gguf(weights, out_path, out_type, tokens=tokens or _default_tokens(config),
-                         include_head=include_head, name=in_path.stem, progress=progress)
+                         include_head=include_head, name=in_path.stem, progress=progress, replace=replace)
     if out_type == "q4_k":
-        return save_quantized(quantize_model(weights, include_head=include_head, progress=progress), out_path)
+        return save_quantized(quantize_model(weights, include_head=include_head, progress=progress), out_path, replace)
     dtype = np.float16 if out_type == "f16" else np.float32
     dense = {k: (v.dequantize() if isinstance(v, Q4KTensor) else np.asarray(v)).astype(dtype)
              for k, v in weights.items()}
-    return save_checkpoint(dense, out_path, format="safetensors")
+    return save_checkpoint(dense, out_path, format="safetensors", replace=replace)
 
 
 def _is_gguf(path: Path) -> bool:

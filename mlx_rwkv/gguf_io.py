@@ -258,8 +258,9 @@ CHAT_TEMPLATE = """\
 
 def save_gguf(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path, out_type: str = "q4_k", *,
               tokens: Sequence[bytes] | None = None, include_head: bool = True, name: str | None = None,
-              progress: bool = False) -> Path:
-    """Write an `rwkv7` GGUF that llama.cpp loads, atomically (temp file + rename).
+              progress: bool = False, replace: bool = False) -> Path:
+    """Write an `rwkv7` GGUF that llama.cpp loads, atomically (temp file + rename); an existing
+    file is replaced only with replace=True (else OutputExistsError, a FileExistsError).
 
     out_type: "q4_k" | "q8_0" | "f16" | "f32", recorded as general.file_type; tensor types as
     described above. Q4KTensor values are written as their blocks for q4_k (no requantization)
@@ -269,7 +270,7 @@ def save_gguf(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path, o
     vocab size) become llama.cpp's "<s>" / "[PAD<id>]" placeholders. name: general.name
     (default: the file's stem). Raises ValueError for an unknown out_type or too many tokens.
     """
-    from mlx_rwkv.checkpoint.files import atomic_output
+    from mlx_rwkv.checkpoint.files import atomic_path
 
     if out_type not in OUT_TYPES:
         raise ValueError(f"unknown GGUF type {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
@@ -279,8 +280,8 @@ def save_gguf(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path, o
         raise ValueError(f"{len(tokens)} tokens for a vocab of {config.vocab_size}")
     if out_type == "q4_k":
         weights = quantize_model(weights, include_head=include_head, progress=progress)
-    with atomic_output(path) as f:
-        writer = gguf.GGUFWriter(f.name, ARCH)  # reopens the temporary file by name
+    with atomic_path(path, replace) as tmp:
+        writer = gguf.GGUFWriter(tmp, ARCH)
         for gguf_name, array, qtype in _gguf_tensors(weights, config, out_type, include_head):
             writer.add_tensor(gguf_name, array, raw_dtype=qtype)
         _write_metadata(writer, config, out_type, tokens, name or path.stem)

@@ -287,9 +287,10 @@ def dequantize_model(weights: Mapping[str, np.ndarray | Q4KTensor]) -> dict[str,
 FORMAT_KEY, FORMAT, SHAPES_KEY, SUFFIX = "mlx_rwkv.format", "q4k", "mlx_rwkv.q4k_shapes", ".q4k"
 
 
-def save_quantized(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path) -> Path:
-    """Write a (partly) Q4_K model as .safetensors, atomically (temp file + rename)."""
-    from mlx_rwkv.checkpoint.files import atomic_output
+def save_quantized(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Path, replace: bool = False) -> Path:
+    """Write a (partly) Q4_K model as .safetensors, atomically (temp file + rename); an existing
+    file is replaced only with replace=True (else OutputExistsError, a FileExistsError)."""
+    from mlx_rwkv.checkpoint.files import atomic_path
 
     path = Path(path)
     tensors: dict[str, np.ndarray] = {}
@@ -301,8 +302,8 @@ def save_quantized(weights: Mapping[str, np.ndarray | Q4KTensor], path: str | Pa
         else:
             tensors[key] = np.ascontiguousarray(value)
     metadata = {FORMAT_KEY: FORMAT, SHAPES_KEY: json.dumps(shapes)}
-    with atomic_output(path) as f:
-        save_file(tensors, f.name, metadata=metadata)  # rewrites the temporary file by name
+    with atomic_path(path, replace) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 
@@ -343,10 +344,3 @@ def load_quantized(path: str | Path) -> "Checkpoint":
         else:
             weights[key] = value
     return Checkpoint(ModelConfig.from_shapes(shapes_of(weights)), weights, path, FORMAT)
-
-
-def quantize_file(in_path: str | Path, out_path: str | Path, include_head: bool = True) -> Path:
-    """`mlx-rwkv quantize IN OUT`: `mlx_rwkv.convert.convert(IN, OUT, "q4_k")` (.gguf or .safetensors)."""
-    from mlx_rwkv.convert import convert
-
-    return convert(in_path, out_path, "q4_k", include_head=include_head)

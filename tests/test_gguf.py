@@ -14,6 +14,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from mlx_rwkv.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from mlx_rwkv.checkpoint.files import OutputExistsError  # noqa: E402
 from mlx_rwkv.config import CheckpointError, ModelConfig  # noqa: E402
 from mlx_rwkv.convert import convert  # noqa: E402
 from mlx_rwkv.gguf_io import GLOBALS, LAYER, escape_token, load_gguf, save_gguf, unescape_token  # noqa: E402
@@ -368,15 +369,6 @@ def test_convert_logits(source: Path, source_logits, out_type: str, suffix: str,
     assert np.abs(_logits(out) - ref).max() <= bound * np.abs(ref).max()
 
 
-def test_quantize_file_writes_real_gguf(source: Path) -> None:
-    """The data-loss bug: `quantize in.pth out.gguf` wrote safetensors under a .gguf name."""
-    from mlx_rwkv.quant import quantize_file
-
-    out = quantize_file(source, source.with_name("q.gguf"))
-    reader = gguf.GGUFReader(out)
-    assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
-
-
 def test_convert_q4k_input(source: Path, tmp_path: Path) -> None:
     """Our Q4_K files are accepted: their blocks pass through to a q4_k output unchanged (also
     back from GGUF) and are decoded for a float output."""
@@ -434,6 +426,17 @@ def test_convert_never_writes_over_its_input(source: Path, tmp_path: Path) -> No
         with pytest.raises(ValueError, match="write over the input"):
             convert(gguf_in, out, "q4_k")
     assert gguf_in.read_bytes() == data
+
+
+@pytest.mark.parametrize("name, out_type", [("m.gguf", "q4_k"), ("m.safetensors", "q4_k"), ("m.safetensors", "f32")])
+def test_convert_replaces_only_when_asked(source: Path, tmp_path: Path, name: str, out_type: str) -> None:
+    out = tmp_path / name
+    out.write_bytes(b"mine")
+    with pytest.raises(OutputExistsError, match="exists"):
+        convert(source, out, out_type)
+    assert out.read_bytes() == b"mine" and sorted(p.name for p in tmp_path.iterdir()) == [name]
+    convert(source, out, out_type, replace=True)
+    assert _logits(out).shape == (len(TOKENS), BYTES.vocab_size)
 
 
 def test_convert_file_mode_follows_umask(source: Path, tmp_path: Path) -> None:

@@ -8,11 +8,13 @@ import pytest
 from oracle import forward
 
 from mlx_rwkv.checkpoint import save_checkpoint
+from mlx_rwkv.checkpoint.files import OutputExistsError
 from mlx_rwkv.config import CheckpointError, ModelConfig
+from mlx_rwkv.convert import convert
 from mlx_rwkv.q4k_linear import Q4KLinear
 from mlx_rwkv.quant import (
     BLOCK_BYTES, Q4KTensor, dequantize_model, dequantize_q4k, is_quantized_file, load_quantized,
-    quantize_file, quantize_model, quantize_q4k, save_quantized,
+    quantize_model, quantize_q4k, save_quantized,
 )
 from mlx_rwkv.synth import synthesize
 
@@ -183,10 +185,11 @@ def test_save_load_round_trip(tmp_path, small_weights: dict[str, np.ndarray]) ->
             np.testing.assert_array_equal(got, value)
 
 
-def test_quantize_file(tmp_path, small_weights: dict[str, np.ndarray]) -> None:
+def test_convert_to_q4k_file(tmp_path, small_weights: dict[str, np.ndarray]) -> None:
+    """`mlx-rwkv quantize in.pth out.safetensors --keep-head` (mlx_rwkv.convert.convert)."""
     src = save_checkpoint(small_weights, tmp_path / "model.pth")
     before = src.read_bytes()
-    out = quantize_file(src, tmp_path / "model-q4k.safetensors", include_head=False)
+    out = convert(src, tmp_path / "model-q4k.safetensors", "q4_k", include_head=False)
     assert src.read_bytes() == before
     loaded = load_quantized(out)
     expected = quantize_model(small_weights, include_head=False, progress=False)
@@ -194,7 +197,11 @@ def test_quantize_file(tmp_path, small_weights: dict[str, np.ndarray]) -> None:
                                   expected["blocks.1.att.key.weight"].blocks)
     assert not isinstance(loaded.weights["head.weight"], Q4KTensor)
     with pytest.raises(ValueError, match="write over the input"):
-        quantize_file(src, src)
+        convert(src, src, "q4_k", replace=True)
+    with pytest.raises(OutputExistsError, match="exists"):
+        convert(src, out, "q4_k")
+    assert convert(src, out, "q4_k", replace=True) == out
+    assert isinstance(load_quantized(out).weights["head.weight"], Q4KTensor)
 
 
 def test_load_refuses_other_files(tmp_path, small_weights: dict[str, np.ndarray]) -> None:
