@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kernel_emulator import EmulatedKernel, emulated_kernels
+from kernel_emulator import emulated_kernels
 from mlx_rwkv import doctor, kernels, wkv
 
 ON_GPU = kernels.gpu_backend() is not None
@@ -169,10 +169,13 @@ def test_kernel_check_passes_on_emulated_kernels(monkeypatch):
 def test_kernel_check_catches_a_kernel_returning_garbage(monkeypatch):
     monkeypatch.setattr(doctor, "_reference", without_kernels)
 
-    def garbage(spec, backend):
-        real = EmulatedKernel(spec)
-        return lambda **launch: [out + 0.05 for out in real(**launch)]
+    with emulated_kernels():
+        build = kernels._build  # the emulator's
 
-    with emulated_kernels(), mock.patch.object(kernels, "_build", garbage):
-        outcome = doctor.check_kernel_norm_mix(mx.float32)
+        def garbage(spec, backend):
+            real = build(spec, backend)
+            return lambda **launch: [out + 0.05 for out in real(**launch)]
+
+        with mock.patch.object(kernels, "_build", garbage):
+            outcome = doctor.check_kernel_norm_mix(mx.float32)
     assert not outcome.passed and outcome.max_abs_error > outcome.tolerance
