@@ -230,7 +230,6 @@ def test_attribute_lint_finds_a_comment_mention():
 
 # ---- one source: the CUDA instantiation -----------------------------------------------------------
 
-_strip_comments = strip_comments
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -266,7 +265,7 @@ BACKEND_ONLY = re.compile(
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_kernel_body_is_portable(name):
     """No backend keyword in a body; Metal built-ins it uses must be mapped by the CUDA prelude."""
-    code = _strip_comments(kernels.read_source(f"{name}.inc"))
+    code = strip_comments(kernels.read_source(f"{name}.inc"))
     found = sorted(set(BACKEND_ONLY.findall(code)))
     assert not found, f"{name}.inc uses backend-specific {found}: map them in the preludes"
     cuda = kernels.read_source("prelude_cuda.h")
