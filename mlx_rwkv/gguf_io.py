@@ -20,8 +20,8 @@ On import, Q4_K tensors stay Q4_K blocks (Q4KTensor, no requantization); F32/F16
 their dtype; other types (BF16, Q8_0, Q6_K, ..., and Q4_K outside the linear weights, e.g. the
 embedding) are decoded with `gguf.quants.dequantize`: linear weights, head and embedding to
 float16 (their codes carry <= 8 bits, so fp16 rounding adds <= 2^-11 relative), the rest to
-float32. With requantize=True, non-Q4_K linear weights and head are re-encoded as Q4_K instead. The tokenizer (`tokenizer.ggml.tokens` of model "rwkv") comes
-back as token id -> bytes.
+float32. With requantize=True, non-Q4_K linear weights and head are re-encoded as Q4_K
+instead. The tokenizer (`tokenizer.ggml.tokens` of model "rwkv") comes back as id -> bytes.
 """
 from __future__ import annotations
 

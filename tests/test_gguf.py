@@ -19,7 +19,7 @@ from mlx_rwkv.config import CheckpointError, ModelConfig  # noqa: E402
 from mlx_rwkv.convert import convert  # noqa: E402
 from mlx_rwkv.gguf_io import GLOBALS, LAYER, escape_token, load_gguf, save_gguf, unescape_token  # noqa: E402
 from mlx_rwkv.quant import (  # noqa: E402
-    Q4KTensor, dequantize_q4k, is_quantizable, load_quantized, quantize_model, quantize_q4k, save_quantized,
+    Q4KTensor, dequantize_q4k, is_quantizable, load_quantized, quantize_q4k, save_quantized,
 )
 from mlx_rwkv.synth import synthesize  # noqa: E402
 

@@ -92,6 +92,7 @@ def test_world_vocab(tmp_path: Path) -> None:
     ids = WorldTokenizer().encode(text)
     assert llm.tokenize(text.encode(), add_bos=False) == ids
     assert llm.detokenize(ids) == text.encode()
-    assert llm._model.token_eot() == 261 and llm.token_eos() == 0
+    assert llama_cpp.llama_vocab_eot(llama_cpp.llama_model_get_vocab(llm.model)) == 261 and llm.token_eos() == 0
+    assert llm.chat_format == "chat_template.default"  # our tokenizer.chat_template, not a built-in guess
     ours = _our_logits(path, ids[:12])
     assert np.abs(_llama_logits(path, ids[:12]) - ours).max() < BOUNDS["q4_k"] * np.abs(ours).max()
