@@ -157,5 +157,5 @@ def load(path: str | os.PathLike | None = None, dtype: str = "float16", quant: s
         raise ValueError(f"quant must be None or 'q4k', got {quant!r}")
     weights, config, _ = read_weights(path)
     if quant == "q4k":
-        weights = quantize_model(weights, include_head=True)
+        weights = quantize_model(weights, include_head=True, progress=progress)
     return build_model(weights, config, dtype, progress), tokenizer_for(config)
