@@ -8,7 +8,13 @@ MAX_ROWS activation rows (batch x tokens), each SIMD-group computing ROWS_PER_SI
 (ROWS_PER_SIMDGROUP_MULTI for several activation rows), reading dense
 (fp16/bf16/fp32) or Q4_K weights with 16-byte loads (so every K and x_base must be a multiple
 of 8, and x must start 16-byte aligned; other groups never use the kernel). Above MAX_ROWS
-(prefill) and on CPU each segment is an ordinary matmul (`Dense` or `Q4KLinear`).
+(prefill) each segment is an ordinary matmul (`Dense` or `Q4KLinear`).
+
+On CPU, float32 groups run in numpy (`_host_call`): MLX's Linux CPU wheels do their matmuls in
+the reference (netlib) BLAS they ship, numpy in OpenBLAS. Measured on 2 Xeon cores (MLX 0.32.4):
+the 65536 x 768 head mat-vec takes 99 ms in MLX, 16 ms in numpy (torch, the official package's
+engine: 16 ms); prefill matmuls gain as much. One host round trip per group costs microseconds
+on CPU, so the rest of the forward pass stays in MLX ops.
 
 Layout: the input `x` is one flat buffer in which segment s reads its (nt, K_s) rows at
 nt * x_base_s; the output is one flat buffer with segment s's (nt, rows_s) at nt * y_base_s
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from .kernels import KernelSpec, get_kernel
+from .kernels import KernelSpec, get_kernel, gpu_backend
 from .quant import BLOCK_WORDS, QK_K, Q4KTensor
 
 if TYPE_CHECKING:
@@ -42,6 +48,9 @@ ROWS_PER_SIMDGROUP_MULTI = 4
 Q4K_BLOCKS_IN_FLIGHT = 1  # Q4_K super-blocks each lane loads ahead per row (registers vs latency)
 WARPS = 8  # SIMD-groups per threadgroup
 _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
+# CPU (numpy) matmuls take activation rows in blocks of this many (see _host_matmul): 64 ran at the
+# speed of one call for 128 tokens; 16 took 2-4x longer (every call reads all of the weights)
+HOST_ROWS = 64
 
 
 @dataclass
@@ -73,6 +82,46 @@ def _activate(y: mx.array, act: str) -> mx.array:
     return y
 
 
+def _host_matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out = x w^T for x (n, K), w (rows, K), with each row's bits independent of the other rows.
+
+    One row (decode) is a mat-vec. More rows go in blocks of exactly HOST_ROWS, the last one
+    zero-padded: OpenBLAS picks its kernels and blocking by the matrix sizes, so a row's result
+    changed with the row count of the call (a prompt split over two calls differed in the last
+    bits from one call), never with its place in a call of a given size (tests/test_cpu_path.py).
+    """
+    n = x.shape[0]
+    if n == 1:
+        np.matmul(x, w.T, out=out)
+        return
+    for start in range(0, n, HOST_ROWS):
+        block = x[start: start + HOST_ROWS]
+        if len(block) == HOST_ROWS:
+            np.matmul(block, w.T, out=out[start: start + HOST_ROWS])
+        else:
+            padded = np.zeros((HOST_ROWS, x.shape[1]), x.dtype)
+            padded[: len(block)] = block
+            out[start:] = (padded @ w.T)[: len(block)]
+
+
+def _activate_host(y: np.ndarray, act: str) -> None:
+    """`_activate` in numpy, in place."""
+    if act == "tanh":
+        np.tanh(y, out=y)
+    elif act == "sigmoid":
+        with np.errstate(over="ignore"):  # exp(-y) -> inf gives the right limit, 0
+            np.reciprocal(1 + np.exp(-y), out=y)
+    elif act == "relu2":
+        np.maximum(y, 0, out=y)
+        np.square(y, out=y)
+
+
+def _runs_on_host(linears: list, dtype: mx.Dtype) -> bool:
+    """Whether a group of matmul layers runs in numpy: dense float32 weights on the CPU."""
+    return (gpu_backend() is None and dtype == mx.float32
+            and all(isinstance(layer, Dense) for layer in linears))
+
+
 class ProjectionGroup:
     """Segments applied to one flat input; `group(x, nt)` -> flat output, `split` -> views."""
 
@@ -93,6 +142,14 @@ class ProjectionGroup:
         # materialize now: a lazy weight captured by the compiled decode step would be
         # recomputed (re-packed) on every step
         mx.eval([vars(layer) for layer in self.linears if layer is not None], self.__dict__)
+        # CPU float32: numpy views of the weights (no copy) for _host_call
+        self.host_weights = [np.asarray(layer.weight) for layer in self.linears] \
+            if self.kernel is None and _runs_on_host(self.linears, dtype) else None
+
+    @property
+    def on_host(self) -> bool:
+        """True where calls run in numpy (CPU, float32): not traceable by `mx.compile`."""
+        return self.host_weights is not None
 
     @property
     def rows(self) -> int:
@@ -100,6 +157,8 @@ class ProjectionGroup:
 
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
+        if self.host_weights is not None:
+            return self._host_call(x, nt)
         if self.kernel is not None and nt <= MAX_ROWS:
             template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k)
             nr = dict(template)["NR"]
@@ -115,6 +174,17 @@ class ProjectionGroup:
             xi = flat[nt * base: nt * (base + k)].reshape(nt, k)
             outs.append(_activate(linear(xi), act).reshape(-1))
         return mx.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def _host_call(self, x: mx.array, nt: int) -> mx.array:
+        """The group in numpy (OpenBLAS), float32: evaluates x, returns a new MLX array."""
+        flat = np.asarray(x).reshape(-1)  # a view of x's buffer
+        out = np.empty(nt * self.rows, np.float32)
+        for w, (rows, k), act, x_base, y_base in zip(self.host_weights, self.shapes, self.acts,
+                                                     self.x_bases, self.y_bases):
+            y = out[nt * y_base: nt * (y_base + rows)].reshape(nt, rows)
+            _host_matmul(flat[nt * x_base: nt * (x_base + k)].reshape(nt, k), w, y)
+            _activate_host(y, act)
+        return mx.array(out)
 
     def split(self, y: mx.array, nt: int) -> list[mx.array]:
         """The (nt, rows_s) output of every segment, as views of the flat output."""

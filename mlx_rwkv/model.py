@@ -1,12 +1,16 @@
 """The RWKV-7 (x070) forward pass in MLX, written next to the equations of DESIGN.md.
 
 Per layer:  x += TimeMix(ln1(x));  x += ChannelMix(ln2(x)).  One forward call builds one lazy
-graph; the decode step (T = 1) runs under `mx.compile`. Kernel launches per layer in decode on a
+graph; on a GPU the decode step (T = 1) runs under `mx.compile`. Kernel launches per layer in decode on a
 GPU (8): norm_mix (residual add + ln1 + the seven token-shift lerps); one grouped mat-vec for
 r, k, v and the four LoRA down-projections with their activations; one for the four LoRA
 up-projections; the fused WKV kernel (decay, value residual, recurrence, per-head norm, bonus,
 gate); the output projection; norm_mix (add + ln2 + lerp); the FFN key with its squared ReLU;
 the FFN value.
+
+On the CPU there are no custom kernels and MLX's matmuls run on the reference BLAS of its Linux
+wheels, so the projections and the WKV recurrence run in numpy (`matvec`, `wkv`) and the rest in
+MLX ops, uncompiled (numpy cannot be traced); one host round trip per projection group.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
+from .kernels import gpu_backend
 from .matvec import ProjectionGroup
 from .norm_mix import norm_mix
 from .state import State
@@ -53,7 +58,8 @@ class RWKV7:
         self.ln_out = ln_out
         self.head = head
         self.dtype = dtype
-        self._compiled_step = mx.compile(self._step_arrays)
+        # the CPU path calls numpy (matmuls, the WKV recurrence), which mx.compile cannot trace
+        self._compiled_step = mx.compile(self._step_arrays) if gpu_backend() else self._step_arrays
 
     # -- public API ---------------------------------------------------------------------
     def new_state(self, batch_size: int = 1) -> State:
@@ -114,8 +120,17 @@ class RWKV7:
         if not all_logits:
             x = x[:, -1:, :]
         x = mx.fast.layer_norm(x, self.ln_out[0], self.ln_out[1], 1e-5)
-        logits = self.head(x, x.shape[0] * x.shape[1])
-        return logits.reshape(*x.shape[:2], -1), State(att_x, wkv, ffn_x)
+        if self.head.on_host and x.shape[1] > 1:
+            # numpy rounds a one-row product (gemv) unlike a many-row one (gemm): the last token
+            # gets its own call, as without all_logits, so that both give the same bits
+            logits = mx.concatenate([self._head(x[:, :-1]), self._head(x[:, -1:])], axis=1)
+        else:
+            logits = self._head(x)
+        return logits, State(att_x, wkv, ffn_x)
+
+    def _head(self, x: mx.array) -> mx.array:
+        """(B, T, C) -> logits (B, T, V)."""
+        return self.head(x, x.shape[0] * x.shape[1]).reshape(*x.shape[:2], -1)
 
     def _time_mix(self, layer: Layer, xs: mx.array, s: mx.array, v_first: mx.array | None,
                   bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:

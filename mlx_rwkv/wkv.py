@@ -7,8 +7,7 @@ Three implementations of one computation:
   math fused in (8 lanes per state row, head sizes 32 and 64), then GroupNorm, bonus and gate
   token-parallel;
 - `wkv7_reference`: MLX ops around a token-by-token recurrence (other head sizes on a GPU, the
-  kernels' test oracle); on the CPU its recurrence runs chunk by chunk in numpy
-  (`chunked_recurrence`, matrix products instead of a step per token).
+  kernels' test oracle); on the CPU its recurrence runs in numpy (`host_recurrence`).
 All keep the state and the decay in fp32.
 """
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .kernels import SAFE_THREADS, KernelSpec, get_kernel, threadgroup_fits
+from .kernels import SAFE_THREADS, KernelSpec, get_kernel, gpu_backend, threadgroup_fits
 
 WKV7_FUSED = KernelSpec(
     name="wkv7",
@@ -47,10 +46,6 @@ SCAN_GROUP_ROWS = 16  # state rows per threadgroup: 16 at 1.5B gives 128 threadg
 SCAN_STAGE_TOKENS = 8  # tokens per stage, double-buffered: 22 KB of shared memory at N = 64
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
-# chunked_recurrence's chunk: the decay products over a chunk stay >= 0.545^16 = 6e-5, so their
-# reciprocals are harmless in fp32 (measured error vs float64 as the token loop's, 1e-7);
-# 8-32 ran at the same speed, 64 slower (2 Xeon cores, H = 12, N = 64)
-CPU_CHUNK = 16
 
 
 def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
@@ -73,7 +68,7 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     scan = get_kernel(WKV7_SCAN) if launch is not None else None
     if scan is not None:
         return _scan_and_finish(scan, launch, r, k, v, g, lw, la, lv, v_first, params, state)
-    recurrence = chunked_recurrence if mx.default_device() == mx.cpu else _recurrence
+    recurrence = _recurrence if gpu_backend() else host_recurrence
     return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state, recurrence)
 
 
@@ -146,7 +141,7 @@ def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.arra
 def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state,
                    recurrence: Callable = None) -> tuple[mx.array, mx.array]:
     """Token-parallel MLX ops around the recurrence (by default `_recurrence`, token by token;
-    on a GPU, head sizes that the kernels do not support; the CPU passes `chunked_recurrence`)."""
+    on a GPU, head sizes that the kernels do not support; the CPU passes `host_recurrence`)."""
     recurrence = recurrence or _recurrence
     B, T, C = r.shape
     _, H, N, _ = state.shape
@@ -179,39 +174,21 @@ def _recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
     return mx.stack(ys, axis=1), state
 
 
-def chunked_recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
-    """`_recurrence` in numpy, CPU_CHUNK tokens at a time as matrix products (fp32).
+def host_recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
+    """`_recurrence` in numpy (the CPU path): same equations, same fp32, token by token.
 
-    Within a chunk of L tokens from state S_0, with G_t = w_1 ... w_t (elementwise, G_0 = 1) and
-    u_t = S_{t-1} a_t, unrolling S_t = S_{t-1} diag(w_t) + u_t b_t^T + v_t k_t^T gives
-        S_t = S_0 diag(G_t) + sum_{s<=t} (u_s b_s^T + v_s k_s^T) diag(G_t / G_s).
-    With the scaled rows a'_t = a_t G_{t-1}, r'_t = r_t G_t, b'_s = b_s / G_s, k'_s = k_s / G_s
-    (rows of (L, N) matrices A', R', B', K'; U, V, Y: (L, N) rows u_t, v_t, y_t):
-        U = A' S_0^T + tril(A' B'^T, -1) U + tril(A' K'^T, -1) V   (a unit lower-triangular solve)
-        Y = R' S_0^T + tril(R' B'^T) U + tril(R' K'^T) V
-        S_L = S_0 diag(G_L) + U^T (B' diag(G_L)) + V^T (K' diag(G_L)).
-    A token loop costs a few numpy calls per token on (B, H, N, N); this costs ~20 per chunk.
+    MLX's CPU backend spent ~0.5 ms per token and layer on `_recurrence` (a graph node per op,
+    the products in the reference BLAS of its Linux wheels), numpy ~65 us (H = 12, N = 64, 2 Xeon
+    cores). A chunked matrix form ran twice as fast again, but its rounding depends on where the
+    chunks start: a sequence split over two calls would no longer give the bits of one call.
     """
-    f32 = lambda x: np.asarray(x).transpose(0, 2, 1, 3).astype(np.float32)  # noqa: E731  (B, H, T, N)
-    r, w, k, v, a, b = map(f32, (r, w, k, v, a, b))  # evaluates the MLX inputs
-    S = np.array(state, dtype=np.float32)  # (B, H, N, N) S[v, k]
-    T = r.shape[2]
+    r, w, k, v, a, b = (np.asarray(x) for x in (r, w, k, v, a, b))  # (B, T, H, N): evaluates them
+    S = np.array(state)  # (B, H, N, N) S[v, k], a copy updated in place
     y = np.empty_like(r)
-    for start in range(0, T, CPU_CHUNK):
-        t = slice(start, start + CPU_CHUNK)
-        rc, wc, kc, vc, ac, bc = (x[:, :, t] for x in (r, w, k, v, a, b))
-        L = rc.shape[2]
-        G = np.cumprod(wc, axis=2)  # (B, H, L, N): G_t
-        G_before = np.concatenate([np.ones_like(G[:, :, :1]), G[:, :, :-1]], axis=2)  # G_{t-1}
-        a_, r_, b_, k_ = ac * G_before, rc * G, bc / G, kc / G
-        strict = np.tri(L, k=-1, dtype=np.float32)  # s < t
-        upto = strict + np.eye(L, dtype=np.float32)  # s <= t
-        St = S.swapaxes(-1, -2)
-        m_ab = (a_ @ b_.swapaxes(-1, -2)) * strict
-        m_ak = (a_ @ k_.swapaxes(-1, -2)) * strict
-        u = np.linalg.solve(np.eye(L, dtype=np.float32) - m_ab, a_ @ St + m_ak @ vc)
-        y[:, :, t] = (r_ @ St + ((r_ @ b_.swapaxes(-1, -2)) * upto) @ u
-                      + ((r_ @ k_.swapaxes(-1, -2)) * upto) @ vc)
-        G_last = G[:, :, -1:, :]
-        S = S * G_last + u.swapaxes(-1, -2) @ (b_ * G_last) + vc.swapaxes(-1, -2) @ (k_ * G_last)
-    return mx.array(y.transpose(0, 2, 1, 3)), mx.array(S)
+    for t in range(r.shape[1]):
+        sa = S @ a[:, t, :, :, None]  # (B, H, N, 1) = S a
+        S *= w[:, t, :, None, :]
+        S += sa * b[:, t, :, None, :]
+        S += v[:, t, :, :, None] * k[:, t, :, None, :]
+        y[:, t] = (S @ r[:, t, :, :, None])[..., 0]
+    return mx.array(y), mx.array(S)
