@@ -10,8 +10,9 @@ binding limit (each buffer is its own op).
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import wgpu
@@ -24,7 +25,7 @@ from . import ops
 from .device import GPU, WebGPUError, get_gpu
 from .ops import Op, WkvVectors
 from .state import STATE_USAGE, StateLayout, WebGPUState
-from .weights import Linear, VectorTable, to_matrix, upload
+from .weights import Batch, Linear, VectorTable, to_matrix, upload
 
 FORMATS = {"float16": "f16", "float32": "f32"}
 # LoRA of the time mix: (name, its mixing vector, activation after the down-projection).
@@ -32,6 +33,15 @@ LORAS = (("w", "x_w", "tanh"), ("a", "x_a", "none"), ("v", "x_v", "none"), ("g",
 MIX_REGION = {"w": 0, "a": 1, "v": 2, "g": 3}  # regions of the `mix` buffer read by wkv7.wgsl
 DECODE = (False, True, False)  # (many tokens, head, all logits) of a decode step
 SCRATCH_USAGE = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+
+
+@dataclass(frozen=True)
+class LinearIO:
+    """A linear op's matrices and the activation buffers (names in `buffers`) it reads and writes."""
+
+    batch: Batch
+    src: str
+    dst: str
 
 
 class WebGPUModel:
@@ -42,6 +52,10 @@ class WebGPUModel:
         self.gpu, self.config, self.fmt = gpu, config, fmt
         self.limit = min(gpu.max_binding, max_binding or gpu.max_binding)
         self.per_op_sync = False  # True: submit and wait after every op (the sync experiment)
+        # ops run by a host callable instead, between submits: op name -> f(tokens); the callable
+        # reads its inputs back and writes its outputs (the hybrid strategy, mlx_rwkv.sync_strategies)
+        self.host_ops: dict[str, Callable[[int], None]] = {}
+        self.linear_io: dict[str, LinearIO] = {}  # every linear op built so far, by op name
         self.ranks = {"w": config.d_decay, "a": config.d_aaa, "v": config.d_mv, "g": config.d_gate}
         self.t_max = self._chunk_size(prefill_chunk)
         self.state_layout = StateLayout(config)
@@ -164,9 +178,11 @@ class WebGPUModel:
 
     def _linear(self, name: str, batches: list, src: str, dst: str, many: bool) -> list[Op]:
         b = self.buffers
-        return [ops.linear(self.gpu, f"{name}.{j}" if len(batches) > 1 else name, batch.fmt, batch.groups,
-                           batch.buffer, b[src], b["vecs"], b[dst], b["step"], many)
-                for j, batch in enumerate(batches)]
+        built = [ops.linear(self.gpu, f"{name}.{j}" if len(batches) > 1 else name, batch.fmt, batch.groups,
+                            batch.buffer, b[src], b["vecs"], b[dst], b["step"], many)
+                 for j, batch in enumerate(batches)]
+        self.linear_io.update((op.name, LinearIO(batch, src, dst)) for op, batch in zip(built, batches))
+        return built
 
     def _norm(self, name: str, key: str, src: str, dst: str, **kw) -> Op:
         b = self.buffers
@@ -286,7 +302,8 @@ class WebGPUModel:
         return (np.concatenate(rows) if all_logits else rows[-1][-1]), state
 
     def _run_chunk(self, ids: np.ndarray, state: WebGPUState, head: bool, all_logits: bool) -> np.ndarray | None:
-        """One submit (or one per op with per_op_sync) for up to t_max tokens; logits [rows, V] if head."""
+        """One submit (one per op with per_op_sync, one around each host op) for up to t_max tokens;
+        logits [rows, V] if head."""
         T, device, b = ids.size, self.gpu.device, self.buffers
         device.queue.write_buffer(b["emb"], 0, self.emb[ids].astype(np.float32))
         device.queue.write_buffer(b["step"], 0, np.array([T, 0, 0, 0], np.uint32))
@@ -294,14 +311,8 @@ class WebGPUModel:
         rows = (T if all_logits else 1) if head else 0
         encoder = device.create_command_encoder()
         self._make_resident(state, encoder)
-        if self.per_op_sync:
-            for op in self._op_sequence(key):
-                self._record(encoder, [op], T)
-                encoder.copy_buffer_to_buffer(b["step"], 0, self._fence, 0, 4)
-                device.queue.submit([encoder.finish()])
-                self._fence.map_sync(wgpu.MapMode.READ)  # waits for the op
-                self._fence.unmap()
-                encoder = device.create_command_encoder()
+        if self.per_op_sync or self.host_ops:
+            encoder = self._run_split(encoder, self._op_sequence(key), T)
             self._copy_logits(encoder, rows)
             device.queue.submit([encoder.finish()])
         else:
@@ -317,6 +328,32 @@ class WebGPUModel:
         logits = np.frombuffer(self._staging.read_mapped(0, nbytes), np.float32).reshape(rows, -1).copy()
         self._staging.unmap()
         return logits
+
+    def _run_split(self, encoder: wgpu.GPUCommandEncoder, op_list: list[Op], tokens: int) -> wgpu.GPUCommandEncoder:
+        """Submit and wait after every op (per_op_sync), and/or run the ops in host_ops on the
+        host: the GPU ops before one are submitted in one pass first. Returns the open encoder."""
+        device, pending = self.gpu.device, []
+        for op in op_list:
+            host = self.host_ops.get(op.name)
+            if host is None:
+                pending.append(op)
+                if not self.per_op_sync:
+                    continue
+            if pending:
+                self._record(encoder, pending, tokens)
+                pending = []
+            if host is None:
+                encoder.copy_buffer_to_buffer(self.buffers["step"], 0, self._fence, 0, 4)
+            device.queue.submit([encoder.finish()])
+            if host is None:
+                self._fence.map_sync(wgpu.MapMode.READ)  # waits for the op
+                self._fence.unmap()
+            else:
+                host(tokens)  # reads back what it needs (a wait), writes its output
+            encoder = device.create_command_encoder()
+        if pending:
+            self._record(encoder, pending, tokens)
+        return encoder
 
     def _op_sequence(self, key: tuple[bool, bool, bool]) -> list[Op]:
         many, head, all_logits = key

@@ -95,8 +95,9 @@ def upload(gpu: GPU, items: Sequence[Linear], limit: int) -> list[Batch]:
 
 def _make_batch(gpu: GPU, fmt: str, parts: list[tuple[Linear, int, int, int]], size: int) -> Batch:
     label = "+".join(item.name for item, *_ in parts)
-    buffer = gpu.device.create_buffer(label=label, size=_round_up(size, 4),
-                                      usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+    # COPY_SRC: the hybrid strategy (mlx_rwkv.sync_strategies) reads the Q4_K blocks back
+    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+    buffer = gpu.device.create_buffer(label=label, size=_round_up(size, 4), usage=usage)
     groups = []
     for item, r0, rows, offset in parts:
         m = item.matrix
@@ -126,8 +127,12 @@ class VectorTable:
     def __getitem__(self, name: str) -> int:
         return self.offsets[name]
 
+    def data(self) -> np.ndarray:
+        """The whole table as uploaded: float32, each vector at its offset."""
+        return np.concatenate(self._parts)
+
     def upload(self, gpu: GPU) -> wgpu.GPUBuffer:
-        data = np.concatenate(self._parts)
+        data = self.data()
         gpu.check_binding("the vector table", data.nbytes)
         return gpu.device.create_buffer_with_data(label="vecs", data=data, usage=wgpu.BufferUsage.STORAGE)
 
