@@ -101,3 +101,11 @@ class State:
             raise StateError(f"{path}: state file is missing tensor {e}") from None
         state.check(model.config)
         return state
+
+    @classmethod
+    def load_tuned(cls, path: str | os.PathLike, model: "RWKV7") -> "State":
+        """The initial state of an RWKV-PEFT state-tuning file (`blocks.{i}.att.time_state`);
+        layout and sources in `mlx_rwkv.state_files`."""
+        from .state_files import load_tuned_state
+
+        return load_tuned_state(path, model)
