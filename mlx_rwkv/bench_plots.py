@@ -107,11 +107,15 @@ def plot_context(doc: dict[str, Any], path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = 0.0
     for i, s in enumerate(series):
-        points = sorted((r["context"], r["tok_s"]) for r in rows if _series(r) == s)
+        points = sorted({r["context"]: r["tok_s"] for r in rows if _series(r) == s}.items())  # last per context
         ax.plot(*zip(*points), "o-", color=f"C{i}", label=" ".join(s))
+        top = max(top, *(tok_s for _, tok_s in points))
+    contexts = sorted({r["context"] for r in rows if _series(r) in series})
     ax.set_xscale("symlog", linthresh=1024)
-    ax.set_ylim(bottom=0)
+    ax.set_xticks(contexts, [f"{c // 1024}k" if c >= 1024 and c % 1024 == 0 else str(c) for c in contexts])
+    ax.set_ylim(0, top * 1.15)
     ax.set_xlabel("tokens of context before decoding")
     ax.set_ylabel("decode tok/s (batch 1)")
     ax.legend(fontsize=7)
@@ -132,6 +136,7 @@ def plot_paths(out_dir: str | Path, stem: str, force: bool = False) -> dict[str,
 
 def plot_results(doc: dict[str, Any], out_dir: str | Path, stem: str, force: bool = False) -> list[Path]:
     """Every plot the records allow (see plot_paths); returns the paths written."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     return [path for name, path in plot_paths(out_dir, stem, force).items() if PLOTS[name](doc, path)]
 
 
@@ -153,3 +158,25 @@ def _save(fig, plt, path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mlx_rwkv.bench_plots RESULTS.json [--force]`: the plots of a results file,
+    next to it (`<file stem>-sync.png`, ...)."""
+    import argparse
+
+    from .bench_records import read_results
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("results", type=Path, help="a bench/results/<device>-<date>.json file")
+    ap.add_argument("--force", action="store_true", help="replace existing PNGs")
+    args = ap.parse_args(argv)
+    try:
+        for path in plot_results(read_results(args.results), args.results.parent, args.results.stem, args.force):
+            print(f"wrote {path}")
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
