@@ -1,4 +1,5 @@
-"""Command line: `mlx-rwkv generate | chat | info | synth | quantize | doctor` (also `python -m mlx_rwkv`).
+"""Command line: `mlx-rwkv generate | chat | serve | info | synth | quantize | doctor | bench`
+(also `python -m mlx_rwkv`).
 
 Every option is checked while it is parsed (`cli_args`); every command that writes a file
 follows `output_files.check_output` (no replacing without --force, never the loaded model).
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from . import __version__
 from . import cli_args as check
+from .bench_cli import add_bench_arguments, run_bench
 from .config import SHAPES
+from .serve import add_serve_arguments, run_serve
 
 RANDOM_WEIGHTS_NOTE = ("note: no --model given: running the built-in synthetic 0.1B model. Its weights are "
                        "RANDOM, so the text is gibberish; it shows the engine's speed, not a language model.")
@@ -44,6 +47,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight dtype; auto = float16 on a GPU, float32 on CPU (MLX's CPU float16 is slow)")
     p.add_argument("--quant", choices=["q4k"], help="quantize the linear layers to Q4_K at load")
+
+
+def add_state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", type=check.existing_file,
+                   help="start from this state: one saved by chat /save, or an RWKV-PEFT state-tuning .pth "
+                        "(blocks.{i}.att.time_state)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -122,9 +131,18 @@ def stream_to_stdout(model, tokenizer, prompt: str, args: argparse.Namespace, st
     return last
 
 
+def initial_state(args: argparse.Namespace, model):
+    """The --state file (ours or an RWKV-PEFT state-tuning .pth) as a State, or None."""
+    from .state_files import load_state_file
+
+    return load_state_file(args.state, model) if args.state else None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args, args.engine)
-    last = stream_to_stdout(model, tokenizer, args.prompt, args)
+    if args.state and args.engine == "webgpu":
+        raise ValueError("--state runs on the MLX engine only")
+    last = stream_to_stdout(model, tokenizer, args.prompt, args, initial_state(args, model))
     print()
     print(f"[{last.prompt_tokens} prompt tokens at {last.prompt_tps:.1f} tok/s, {last.generated_tokens} generated "
           f"at {last.generation_tps:.1f} tok/s, peak memory {last.peak_memory_mb:.0f} MB, "
@@ -133,12 +151,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from .chat import ChatSession, prompts, turn_prompt
-    from .state import State
 
     model, tokenizer = load_model(args)
     args.stop = args.stop or ["\n\n"]
-    session = ChatSession(model, State.load(args.state, model) if args.state else None,
-                          loaded=[args.model] if args.model else [])
+    session = ChatSession(model, initial_state(args, model), loaded=[args.model] if args.model else [])
     print("chat: /help lists the commands. The state carries the conversation (no re-prefill).", file=sys.stderr)
     for text in prompts(input, session):
         print("Assistant:", end="", flush=True)
@@ -198,12 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="The quick brown fox", help="the text to continue")
     g.add_argument("--engine", choices=["mlx", "webgpu"], default="mlx",
                    help="mlx: this engine; webgpu: the WebGPU reference engine (needs a Vulkan/Metal adapter)")
+    add_state_arg(g)
     add_sampling_args(g)
 
     c = command("chat", "interactive chat that keeps the state between turns (/help inside)", cmd_chat)
     add_model_args(c)
-    c.add_argument("--state", type=check.existing_file, help="start from a state saved with /save")
+    add_state_arg(c)
     add_sampling_args(c)
+
+    v = command("serve", "OpenAI-compatible HTTP server: prefix-state cache, continuous batching, state files",
+                run_serve)
+    add_serve_arguments(v)
 
     i = command("info", "describe a checkpoint (format, sizes, storage) without loading it onto the device",
                 cmd_info)
@@ -233,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_doctor)
     d.add_argument("--report", type=check.output_file(".json"), help="also write the results as JSON here")
     d.add_argument("--force", action="store_true", help="replace an existing report")
+
+    b = command("bench", "the sync experiment: decode/prefill tok/s per engine, precision and sync strategy",
+                run_bench)
+    add_bench_arguments(b)
     return ap
 
 
