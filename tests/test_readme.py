@@ -1,7 +1,8 @@
 """Every code block of the README runs, as a newcomer would paste it.
 
 `model.pth` in the README stands for the user's checkpoint: the test writes a small synthetic
-one under that name in a scratch directory, where every block runs. In bash blocks,
+one under that name in a scratch directory, where every block runs (a block that talks to
+the server at 127.0.0.1:8000 gets `mlx-rwkv serve --model model.pth` running). In bash blocks,
 `pip install` commands are checked (the extras exist) but not run: CI has just run them;
 the test command is checked to be the one `.ci/run` runs; `python -m bench...` commands (GPU
 host jobs of minutes) have their full argument lists parsed by the script's own parser; every
@@ -10,13 +11,17 @@ other command runs and must exit 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import runpy
 import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -54,10 +59,38 @@ def test_readme_has_the_two_newcomer_commands():
     assert TEST_COMMAND in (REPO / ".ci" / "run").read_text().splitlines()[-1]
 
 
+SERVER = "http://127.0.0.1:8000"
+
+
+@contextlib.contextmanager
+def server_for(source: str, cwd: Path) -> Iterator[None]:
+    """`mlx-rwkv serve --model model.pth` on port 8000 while a block that talks to it runs."""
+    if SERVER not in source:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_rwkv", "serve", "--model", "model.pth", "--port", "8000"],
+                            cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{SERVER}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, f"the server did not start: {proc.stderr.read()[-2000:]}"
+                assert time.monotonic() < deadline, "the server did not answer /health within 120 s"
+                time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("index", range(len(code_blocks("python"))))
 def test_python_block_runs(scratch: Path, index: int, capsys):
     source = code_blocks("python")[index]
-    exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+    with server_for(source, scratch):
+        exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
 
 
 def check_pip(segment: str) -> None:
