@@ -4,8 +4,15 @@
 #   bash bench/gpu_session.sh STEP...   (in order; steps: tests tests-matvec profile kernels
 #     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-matvec ncu-decode ncu-decode-q4k
 #     ncu-detail ncu-detail-decode scan ncu-scan mlx mlx-1.5b graph-size q4k webgpu-kernel
-#     webgpu-kernel-sweep webgpu-q4k-decode webgpu-profile webgpu)
+#     webgpu-kernel-sweep webgpu-q4k-decode webgpu-profile webgpu
+#     bench-sync bench-context bench-sizes bench-sync-2.9b bench-plots)
 # Each step has its own time limit so one 10-minute device call can hold several.
+# The full `mlx-rwkv bench` matrix (issue 15) in two device calls of <= 9 minutes:
+#   call 1: bash bench/gpu_session.sh bench-sync bench-context               (<= 300 + 200 s)
+#   call 2: bash bench/gpu_session.sh bench-sizes bench-sync-2.9b              (<= 240 + 200 s)
+# then, on any machine with matplotlib: python -m mlx_rwkv.bench_plots bench/results/<device>-<date>.json
+# Each bench step merges its records into bench/results/<device>-<date>.json after every model,
+# so a step cut off by its limit keeps the models it finished.
 set -uo pipefail
 source /root/gpu-env.sh
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
@@ -26,6 +33,7 @@ ncu_stalls=(/usr/local/cuda/bin/ncu --section SpeedOfLight --section Occupancy -
             --section SourceCounters)
 stall_lines="'rwkv_|Duration|Achieved Occupancy|Registers Per|cycles being|Throughput'"
 kernel_shapes=(4096x4096 8192x2048 2048x8192 65536x2048)
+bench=(python3 -m mlx_rwkv.bench_cli --write --decode-steps 64 --slow-steps 16 --repeats 3)
 for step in "$@"; do
   case "$step" in
     tests) run gpu_tests 300 "${pytest_gpu[@]}" "${gpu_tests[@]}" ;;
@@ -80,6 +88,21 @@ for step in "$@"; do
     webgpu-profile) for t in 256 1024 1; do
                run profile_webgpu_$t 120 python3 -m bench.profile_webgpu --shape 1.5B --tokens $t; done ;;
     webgpu) run bench_webgpu 300 python3 -m bench.bench_webgpu --shape 0.1B 1.5B --write ;;
+    # the sync experiment: every strategy, same weights and tokens; the official package as baseline
+    bench-sync) run bench_sync 300 "${bench[@]}" --shapes 0.1B 1.5B --precisions f16 q4k --prefill-tokens 1k \
+               --official ;;
+    # decode after 0/4k/16k/64k tokens of context, and the prefill to each with peak memory
+    bench-context) run bench_context 200 "${bench[@]}" --shapes 0.1B 1.5B --precisions f16 q4k --engines mlx \
+               --strategies compiled --contexts 0 4k 16k 64k ;;
+    # how cost grows with size: decode (compiled, uncompiled) and a 64k prefill with peak memory
+    bench-sizes) run bench_sizes 240 "${bench[@]}" --shapes 0.4B 7.2B --precisions f16 q4k --engines mlx \
+               --strategies compiled whole-pass --prefill-tokens 64k ;;
+    # the seed engine's size (2.9B Q4_K) through every strategy, f16 beside it
+    bench-sync-2.9b) run bench_sync_29 200 "${bench[@]}" --shapes 2.9B --precisions q4k f16 --prefill-tokens 64k ;;
+    # optional (needs matplotlib on the host): the same plots can be drawn anywhere from the JSON with
+    # python -m mlx_rwkv.bench_plots bench/results/<device>-<date>.json
+    bench-plots) run bench_plots 60 python3 -m mlx_rwkv.bench_plots bench/results --force
+               cp bench/results/*.png "$out/" 2>/dev/null ;;
     *) echo "unknown step $step" >&2 ;;
   esac
 done

@@ -87,12 +87,13 @@ def plan_from(args: argparse.Namespace) -> Plan:
             c = config_for_shape(shape, **overrides)
             if c.n_embd % 256:
                 raise ValueError(f"q4k needs C to be a multiple of 256; {shape} has C={c.n_embd}")
-    if args.official and not all(importlib.util.find_spec(m) for m in ("torch", "rwkv")):
-        raise ValueError("--official needs torch and the official rwkv package (pip install rwkv torch)")
+    official = args.official and all(importlib.util.find_spec(m) for m in ("torch", "rwkv"))
+    if args.official and not official:  # a note, not an error: a GPU-host run keeps its other results
+        print("note: --official skipped: it needs torch and the official rwkv package", file=sys.stderr)
     return Plan(shapes=args.shapes, precisions=args.precisions, strategies=strategies,
                 decode_steps=args.decode_steps, slow_steps=args.slow_steps, repeats=args.repeats,
                 contexts=args.contexts, prefill_tokens=args.prefill_tokens, chunk_size=args.chunk_size,
-                official=args.official, overrides=overrides)
+                official=official, overrides=overrides)
 
 
 def command_line(args: argparse.Namespace) -> str:

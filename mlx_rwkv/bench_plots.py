@@ -161,18 +161,19 @@ def _save(fig, plt, path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m mlx_rwkv.bench_plots RESULTS.json [--force]`: the plots of a results file,
-    next to it (`<file stem>-sync.png`, ...)."""
+    """`python -m mlx_rwkv.bench_plots RESULTS [--force]`: the plots of a results file, next to
+    it (`<file stem>-sync.png`, ...); RESULTS may be a directory: this device's file of today."""
     import argparse
 
-    from .bench_records import read_results
+    from .bench_records import read_results, results_path
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("results", type=Path, help="a bench/results/<device>-<date>.json file")
+    ap.add_argument("results", type=Path, help="a <device>-<date>.json results file, or the directory of today's")
     ap.add_argument("--force", action="store_true", help="replace existing PNGs")
     args = ap.parse_args(argv)
+    path = results_path(args.results) if args.results.is_dir() else args.results
     try:
-        for path in plot_results(read_results(args.results), args.results.parent, args.results.stem, args.force):
+        for path in plot_results(read_results(path), path.parent, path.stem, args.force):
             print(f"wrote {path}")
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None

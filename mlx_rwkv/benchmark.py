@@ -313,7 +313,7 @@ def official_records(weights: dict, config: ModelConfig, plan: Plan, shape: str,
         token[0] = int(torch.argmax(logits))
 
     steps = plan.decode_steps
-    rates = time_steps(step, steps, plan.repeats)
+    rates = time_steps(step, steps, plan.repeats, warmup=3)  # TorchScript settles over the first calls
     label, prec = plan.label(shape), dtype.replace("fp", "f")
     out = [record("rwkv-official", label, prec, "decode", "per-op", tokens=steps, rates=rates, syncs_per_token=1.0,
                   context=0, weights=WEIGHTS_NOTE)]
