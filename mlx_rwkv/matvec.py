@@ -10,11 +10,10 @@ MAX_ROWS activation rows (batch x tokens), each SIMD-group computing ROWS_PER_SI
 of 8, and x must start 16-byte aligned; other groups never use the kernel). Above MAX_ROWS
 (prefill) each segment is an ordinary matmul (`Dense` or `Q4KLinear`).
 
-On CPU, float32 groups run in numpy (`_host_call`): MLX's Linux CPU wheels do their matmuls in
-the reference (netlib) BLAS they ship, numpy in OpenBLAS. Measured on 2 Xeon cores (MLX 0.32.4):
-the 65536 x 768 head mat-vec takes 99 ms in MLX, 16 ms in numpy (torch, the official package's
-engine: 16 ms); prefill matmuls gain as much. One host round trip per group costs microseconds
-on CPU, so the rest of the forward pass stays in MLX ops.
+On the CPU, float32 groups also run in numpy (`host`, for RWKV7's CPU path): MLX's Linux CPU
+wheels do their matmuls in the reference (netlib) BLAS they ship, numpy in OpenBLAS. Measured on
+2 Xeon cores (MLX 0.32.4): the 65536 x 768 head mat-vec 99 ms in MLX, 5.5-16 ms in numpy (as
+fast as torch, the official package's engine, in the same process).
 
 Layout: the input `x` is one flat buffer in which segment s reads its (nt, K_s) rows at
 nt * x_base_s; the output is one flat buffer with segment s's (nt, rows_s) at nt * y_base_s
@@ -142,13 +141,13 @@ class ProjectionGroup:
         # materialize now: a lazy weight captured by the compiled decode step would be
         # recomputed (re-packed) on every step
         mx.eval([vars(layer) for layer in self.linears if layer is not None], self.__dict__)
-        # CPU float32: numpy views of the weights (no copy) for _host_call
+        # CPU float32: numpy views of the weights (no copy) for `host`
         self.host_weights = [np.asarray(layer.weight) for layer in self.linears] \
             if self.kernel is None and _runs_on_host(self.linears, dtype) else None
 
     @property
     def on_host(self) -> bool:
-        """True where calls run in numpy (CPU, float32): not traceable by `mx.compile`."""
+        """Whether `host` can run this group: dense float32 weights on the CPU."""
         return self.host_weights is not None
 
     @property
@@ -157,8 +156,6 @@ class ProjectionGroup:
 
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
-        if self.host_weights is not None:
-            return self._host_call(x, nt)
         if self.kernel is not None and nt <= MAX_ROWS:
             template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k)
             nr = dict(template)["NR"]
@@ -175,16 +172,16 @@ class ProjectionGroup:
             outs.append(_activate(linear(xi), act).reshape(-1))
         return mx.concatenate(outs) if len(outs) > 1 else outs[0]
 
-    def _host_call(self, x: mx.array, nt: int) -> mx.array:
-        """The group in numpy (OpenBLAS), float32: evaluates x, returns a new MLX array."""
-        flat = np.asarray(x).reshape(-1)  # a view of x's buffer
+    def host(self, x: np.ndarray, nt: int) -> np.ndarray:
+        """`group(x, nt)` in numpy (OpenBLAS) on float32 arrays, for the CPU path (on_host)."""
+        flat = x.reshape(-1)
         out = np.empty(nt * self.rows, np.float32)
         for w, (rows, k), act, x_base, y_base in zip(self.host_weights, self.shapes, self.acts,
                                                      self.x_bases, self.y_bases):
             y = out[nt * y_base: nt * (y_base + rows)].reshape(nt, rows)
             _host_matmul(flat[nt * x_base: nt * (x_base + k)].reshape(nt, k), w, y)
             _activate_host(y, act)
-        return mx.array(out)
+        return out
 
     def split(self, y: mx.array, nt: int) -> list[mx.array]:
         """The (nt, rows_s) output of every segment, as views of the flat output."""

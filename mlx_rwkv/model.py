@@ -8,9 +8,10 @@ up-projections; the fused WKV kernel (decay, value residual, recurrence, per-hea
 gate); the output projection; norm_mix (add + ln2 + lerp); the FFN key with its squared ReLU;
 the FFN value.
 
-On the CPU there are no custom kernels and MLX's matmuls run on the reference BLAS of its Linux
-wheels, so the projections and the WKV recurrence run in numpy (`matvec`, `wkv`) and the rest in
-MLX ops, uncompiled (numpy cannot be traced); one host round trip per projection group.
+On the CPU in float32, `_run_host` runs the same ops in numpy: there are no custom kernels, MLX's
+Linux wheels do matmuls in the reference BLAS (numpy: OpenBLAS), and every MLX evaluation is a
+round trip to MLX's CPU thread, slow while the BLAS threads spin. Other dtypes on the CPU run the
+MLX ops (norm_mix, matmuls, wkv7_reference).
 """
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
-from .kernels import gpu_backend
 from .matvec import ProjectionGroup
-from .norm_mix import norm_mix
+from .norm_mix import layer_norm_host, norm_mix, norm_mix_host
 from .state import State
-from .wkv import wkv7
+from .wkv import wkv7, wkv7_host
 
 # Row order of the token-shift mix vectors: the inputs of r, k, v, then of the four LoRAs
 # (w, a, v, g); x_v appears twice because both paths read it.
@@ -46,6 +46,9 @@ class Layer:
     ffn_key: ProjectionGroup  # with the squared ReLU
     ffn_value: ProjectionGroup
 
+    def groups(self) -> tuple[ProjectionGroup, ...]:
+        return self.att_in, self.lora_up, self.att_out, self.ffn_key, self.ffn_value
+
 
 class RWKV7:
     """An x070 model in MLX. `forward` runs prefill or decode; state lives in `State`."""
@@ -58,8 +61,9 @@ class RWKV7:
         self.ln_out = ln_out
         self.head = head
         self.dtype = dtype
-        # the CPU path calls numpy (matmuls, the WKV recurrence), which mx.compile cannot trace
-        self._compiled_step = mx.compile(self._step_arrays) if gpu_backend() else self._step_arrays
+        # CPU, float32: the forward pass runs in numpy (_run_host), which mx.compile cannot trace
+        self.on_host = head.on_host and all(g.on_host for layer in self.layers for g in layer.groups())
+        self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
 
     # -- public API ---------------------------------------------------------------------
     def new_state(self, batch_size: int = 1) -> State:
@@ -103,6 +107,8 @@ class RWKV7:
         return logits[:, 0, :], new.att_x, new.wkv, new.ffn_x
 
     def _run(self, ids: mx.array, state: State, all_logits: bool) -> tuple[mx.array, State]:
+        if self.on_host:
+            return self._run_host(ids, state, all_logits)
         B, T = ids.shape
         x, dx = self.emb[ids], None  # (B, T, C); dx: the pending residual update
         att_x, wkv, ffn_x = [], [], []
@@ -120,17 +126,36 @@ class RWKV7:
         if not all_logits:
             x = x[:, -1:, :]
         x = mx.fast.layer_norm(x, self.ln_out[0], self.ln_out[1], 1e-5)
-        if self.head.on_host and x.shape[1] > 1:
-            # numpy rounds a one-row product (gemv) unlike a many-row one (gemm): the last token
-            # gets its own call, as without all_logits, so that both give the same bits
-            logits = mx.concatenate([self._head(x[:, :-1]), self._head(x[:, -1:])], axis=1)
-        else:
-            logits = self._head(x)
-        return logits, State(att_x, wkv, ffn_x)
+        logits = self.head(x, x.shape[0] * x.shape[1])
+        return logits.reshape(*x.shape[:2], -1), State(att_x, wkv, ffn_x)
 
-    def _head(self, x: mx.array) -> mx.array:
-        """(B, T, C) -> logits (B, T, V)."""
-        return self.head(x, x.shape[0] * x.shape[1]).reshape(*x.shape[:2], -1)
+    def _run_host(self, ids: mx.array, state: State, all_logits: bool) -> tuple[mx.array, State]:
+        """`_run` in float32 numpy (the CPU path): the same ops, MLX arrays only in and out."""
+        B, T = ids.shape
+        nt, C = B * T, self.config.n_embd
+        x, dx = np.asarray(self.emb)[np.asarray(ids)], None  # (B, T, C)
+        att_x, wkv, ffn_x = [], [], []
+        v_first = None
+        for i, layer in enumerate(self.layers):
+            x, h, xs = norm_mix_host(x, dx, layer.ln1, np.asarray(state.att_x[i]), layer.att_mix)
+            proj = layer.att_in.host(xs, nt)
+            r, k, v = layer.att_in.split(proj, nt)[:3]
+            lw, la, lv, g = layer.lora_up.split(layer.lora_up.host(proj, nt), nt)
+            r, k, v, g, lw, la, lv = (t.reshape(B, T, C) for t in (r, k, v, g, lw, la, lv))
+            y, s = wkv7_host(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, np.asarray(state.wkv[i]))
+            v_first = v if v_first is None else v_first
+            dx = layer.att_out.host(y, nt).reshape(B, T, C)
+            att_x.append(h[:, -1, :])
+            wkv.append(s)
+            x, h, xk = norm_mix_host(x, dx, layer.ln2, np.asarray(state.ffn_x[i]), layer.ffn_mix)
+            dx = layer.ffn_value.host(layer.ffn_key.host(xk, nt), nt).reshape(B, T, C)
+            ffn_x.append(h[:, -1, :])
+        x = layer_norm_host(x + dx if all_logits else x[:, -1:] + dx[:, -1:], *self.ln_out)
+        head = lambda x: self.head.host(x, x.shape[0] * x.shape[1]).reshape(*x.shape[:2], -1)  # noqa: E731
+        # numpy rounds a one-row product (gemv) unlike a many-row one (gemm): the last token gets
+        # its own call, as without all_logits, so that both give the same bits
+        logits = np.concatenate([head(x[:, :-1]), head(x[:, -1:])], axis=1) if x.shape[1] > 1 else head(x)
+        return mx.array(logits), State(*([mx.array(a) for a in part] for part in (att_x, wkv, ffn_x)))
 
     def _time_mix(self, layer: Layer, xs: mx.array, s: mx.array, v_first: mx.array | None,
                   bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:

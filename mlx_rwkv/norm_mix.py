@@ -1,7 +1,9 @@
-"""Residual add + LayerNorm + token-shift mixes: one fused kernel on a GPU, MLX ops otherwise."""
+"""Residual add + LayerNorm + token-shift mixes: one fused kernel on a GPU, MLX ops otherwise;
+`norm_mix_host`: the same in numpy, for the CPU path (RWKV7._run_host)."""
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from .kernels import KernelSpec, get_kernel
 
@@ -36,3 +38,21 @@ def norm_mix(x: mx.array, dx: mx.array | None, ln: tuple[mx.array, mx.array], x_
     shifted = mx.concatenate([x_prev[:, None, :], h[:, :-1, :]], axis=1) if T > 1 else x_prev[:, None, :]
     xs = h + (shifted - h) * mix[:, None, None, :]  # (M, B, T, C)
     return x, h, xs.reshape(M, B * T, C)
+
+
+def norm_mix_host(x: np.ndarray, dx: np.ndarray | None, ln: tuple[mx.array, mx.array], x_prev: np.ndarray,
+                  mix: mx.array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`norm_mix` on float32 numpy arrays (the weights may be MLX arrays): x, h, xs (M, B*T, C)."""
+    B, T, C = x.shape
+    x = x if dx is None else x + dx
+    h = layer_norm_host(x, *ln)
+    shifted = np.concatenate([x_prev[:, None, :], h[:, :-1, :]], axis=1)
+    xs = h + (shifted - h) * np.asarray(mix)[:, None, None, :]  # (M, B, T, C)
+    return x, h, xs.reshape(-1, B * T, C)
+
+
+def layer_norm_host(x: np.ndarray, w: mx.array, b: mx.array, eps: float = 1e-5) -> np.ndarray:
+    """LayerNorm over the last axis in numpy (float32)."""
+    mean = np.mean(x, axis=-1, keepdims=True)
+    var = np.mean(np.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(w) + np.asarray(b)

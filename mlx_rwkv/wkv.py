@@ -7,7 +7,8 @@ Three implementations of one computation:
   math fused in (8 lanes per state row, head sizes 32 and 64), then GroupNorm, bonus and gate
   token-parallel;
 - `wkv7_reference`: MLX ops around a token-by-token recurrence (other head sizes on a GPU, the
-  kernels' test oracle); on the CPU its recurrence runs in numpy (`host_recurrence`).
+  kernels' test oracle);
+- `wkv7_host`: the reference's equations in numpy (the CPU path, RWKV7._run_host).
 All keep the state and the decay in fp32.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .kernels import SAFE_THREADS, KernelSpec, get_kernel, gpu_backend, threadgroup_fits
+from .kernels import SAFE_THREADS, KernelSpec, get_kernel, threadgroup_fits
 
 WKV7_FUSED = KernelSpec(
     name="wkv7",
@@ -68,8 +69,7 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     scan = get_kernel(WKV7_SCAN) if launch is not None else None
     if scan is not None:
         return _scan_and_finish(scan, launch, r, k, v, g, lw, la, lv, v_first, params, state)
-    recurrence = _recurrence if gpu_backend() else host_recurrence
-    return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state, recurrence)
+    return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
 def _fused(fused: Callable, r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
@@ -138,11 +138,9 @@ def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.arra
     return y, new_state
 
 
-def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state,
-                   recurrence: Callable = None) -> tuple[mx.array, mx.array]:
-    """Token-parallel MLX ops around the recurrence (by default `_recurrence`, token by token;
-    on a GPU, head sizes that the kernels do not support; the CPU passes `host_recurrence`)."""
-    recurrence = recurrence or _recurrence
+def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[mx.array, mx.array]:
+    """Token-parallel MLX ops around a token-by-token recurrence (on a GPU, head sizes that the
+    kernels do not support; the kernels' test oracle)."""
     B, T, C = r.shape
     _, H, N, _ = state.shape
     f32 = lambda x: x.astype(mx.float32).reshape(B, T, H, N)  # noqa: E731  (B, T, H, N)
@@ -155,7 +153,7 @@ def wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state,
     kk = k32 * p["k_k"]
     kk = kk / mx.maximum(mx.sqrt(mx.sum(kk * kk, axis=-1, keepdims=True)), 1e-12)
     k32 = k32 * (1 + (a - 1) * p["k_a"])
-    y, state = recurrence(r32, w, k32, v32, -kk, kk * a, state)  # (B, T, H, N)
+    y, state = _recurrence(r32, w, k32, v32, -kk, kk * a, state)  # (B, T, H, N)
     mean = mx.mean(y, axis=-1, keepdims=True)
     var = mx.mean(mx.square(y - mean), axis=-1, keepdims=True)
     y = (y - mean) / mx.sqrt(var + GROUP_NORM_EPS) * p["ln_w"] + p["ln_b"]
@@ -174,21 +172,49 @@ def _recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
     return mx.stack(ys, axis=1), state
 
 
-def host_recurrence(r, w, k, v, a, b, state) -> tuple[mx.array, mx.array]:
-    """`_recurrence` in numpy (the CPU path): same equations, same fp32, token by token.
+def wkv7_host(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[np.ndarray, np.ndarray]:
+    """`wkv7_reference` on float32 numpy arrays (params may be MLX arrays): y (B, T, C) and a new
+    state (B, H, N, N); `state` itself is not modified."""
+    B, T, C = r.shape
+    _, H, N, _ = state.shape
+    r, k, v, g, lw, la, lv = (t.reshape(B, T, H, N) for t in (r, k, v, g, lw, la, lv))
+    p = {name: np.asarray(x).reshape(H, N) for name, x in params.items()}
+    if v_first is not None:  # value residual toward layer 0's v
+        v = v + (v_first.reshape(B, T, H, N) - v) * _sigmoid(p["v0"] + lv)
+    w = np.exp(-DECAY_SCALE * _sigmoid(p["w0"] + lw))
+    a = _sigmoid(p["a0"] + la)
+    kk = k * p["k_k"]
+    kk /= np.maximum(np.sqrt(np.sum(kk * kk, axis=-1, keepdims=True)), 1e-12)
+    k = k * (1 + (a - 1) * p["k_a"])
+    y, state = host_recurrence(r, w, k, v, -kk, kk * a, np.array(state))  # (B, T, H, N)
+    mean = np.mean(y, axis=-1, keepdims=True)
+    var = np.mean(np.square(y - mean), axis=-1, keepdims=True)
+    y = (y - mean) / np.sqrt(var + GROUP_NORM_EPS) * p["ln_w"] + p["ln_b"]
+    bonus = np.sum(r * k * p["r_k"], axis=-1, keepdims=True) * v
+    return ((y + bonus) * g).reshape(B, T, C), state
 
-    MLX's CPU backend spent ~0.5 ms per token and layer on `_recurrence` (a graph node per op,
-    the products in the reference BLAS of its Linux wheels), numpy ~65 us (H = 12, N = 64, 2 Xeon
-    cores). A chunked matrix form ran twice as fast again, but its rounding depends on where the
-    chunks start: a sequence split over two calls would no longer give the bits of one call.
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) -> inf gives the right limit, 0
+        return 1 / (1 + np.exp(-x))
+
+
+def host_recurrence(r, w, k, v, a, b, S) -> tuple[np.ndarray, np.ndarray]:
+    """`_recurrence` in numpy, fp32 (B, T, H, N) arrays; updates the state S (B, H, N, N) in place.
+
+    Per token S = S diag(w) + [S a, v] [b, k]^T: the two rank-1 updates as one small matmul (half
+    the time of two broadcast products: 38 vs 77 us of CPU time per token at H = 12, N = 64).
+    MLX's CPU backend spent ~0.5 ms per token and layer on `_recurrence`. A chunked matrix form
+    would be faster still, but its rounding depends on where the chunks start: a sequence split
+    over two calls would no longer give the bits of one call.
     """
-    r, w, k, v, a, b = (np.asarray(x) for x in (r, w, k, v, a, b))  # (B, T, H, N): evaluates them
-    S = np.array(state)  # (B, H, N, N) S[v, k], a copy updated in place
     y = np.empty_like(r)
+    sa_v = np.empty((*S.shape[:3], 2), np.float32)  # (B, H, N, 2): [S a, v]
+    b_k = np.stack([b, k], axis=-2)  # (B, T, H, 2, N): [b, k]^T
     for t in range(r.shape[1]):
-        sa = S @ a[:, t, :, :, None]  # (B, H, N, 1) = S a
+        np.matmul(S, a[:, t, :, :, None], out=sa_v[..., :1])
+        sa_v[..., 1] = v[:, t]
         S *= w[:, t, :, None, :]
-        S += sa * b[:, t, :, None, :]
-        S += v[:, t, :, :, None] * k[:, t, :, None, :]
+        S += sa_v @ b_k[:, t]
         y[:, t] = (S @ r[:, t, :, :, None])[..., 0]
-    return mx.array(y), mx.array(S)
+    return y, S
