@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from mlx_rwkv.bench_plots import STRATEGY_ORDER
-from mlx_rwkv.bench_records import read_results
+from mlx_rwkv.bench_records import STRATEGIES, read_results
 from mlx_rwkv.benchmark import MATRIX_BYTES, weight_bytes_per_token
 from mlx_rwkv.config import SHAPES, config_for_shape
 from mlx_rwkv.output_files import OutputError
@@ -61,11 +60,11 @@ def _num(x: float | None, fmt: str = "{:,.1f}") -> str:
 
 def sync_table(doc: Doc) -> str | None:
     """Every strategy of each model measured with several, with its rate against the best."""
-    rows = [r for r in _decode(doc) if r["strategy"] in STRATEGY_ORDER]
+    rows = [r for r in _decode(doc) if r["strategy"] in STRATEGIES]
     models = sorted({_model_key(r) for r in rows})
     out = []
     for model in models:
-        mine = sorted((r for r in rows if _model_key(r) == model), key=lambda r: STRATEGY_ORDER.index(r["strategy"]))
+        mine = sorted((r for r in rows if _model_key(r) == model), key=lambda r: STRATEGIES.index(r["strategy"]))
         if len({r["strategy"] for r in mine}) < 2:
             continue
         best = max(r["tok_s"] for r in mine)

@@ -18,11 +18,15 @@ import sys
 from pathlib import Path
 
 from . import cli_args as check
+from typing import TYPE_CHECKING
+
 from .bench_plots import plot_paths, plot_results
-from .bench_records import (BANDWIDTH_BYTES, device_name, measure_bandwidth_gb_s, read_results, results_path,
-                            write_results)
-from .benchmark import ENGINES, PRECISIONS, STRATEGIES, Plan, engine_of, run, webgpu_available
+from .bench_records import (BANDWIDTH_BYTES, ENGINES, PRECISIONS, STRATEGIES, device_name, engine_of,
+                            measure_bandwidth_gb_s, read_results, results_path, write_results)
 from .config import SHAPES, config_for_shape
+
+if TYPE_CHECKING:
+    from .benchmark import Plan
 
 GPU_BANDWIDTH_BYTES = 1 << 30  # on a GPU: a 1 GiB copy, far beyond any cache
 COLUMNS = ("engine", "strategy", "shape", "precision", "mode", "context", "tokens", "tok/s", "spread",
@@ -46,7 +50,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `mlx-rwkv bench` (every value checked while parsing)."""
     p.add_argument("--shapes", nargs="+", default=["0.1B"], choices=list(SHAPES), metavar="SHAPE",
                    help=f"real model sizes to synthesize: {', '.join(SHAPES)}")
-    p.add_argument("--precisions", nargs="+", default=["f16", "q4k"], choices=list(PRECISIONS), metavar="PREC",
+    p.add_argument("--precisions", nargs="+", default=["f16", "q4k"], choices=PRECISIONS, metavar="PREC",
                    help=f"matrix storage: {', '.join(PRECISIONS)} (WebGPU: f16, f32, q4k)")
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, metavar="ENGINE",
                    help="mlx, webgpu (where a wgpu adapter exists) and hybrid (WebGPU + the MLX Q4_K mat-vec)")
@@ -73,8 +77,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace existing plots, and a file in the results' place that is not a results file")
 
 
-def plan_from(args: argparse.Namespace) -> Plan:
+def plan_from(args: argparse.Namespace) -> "Plan":
     """The Plan of parsed options; ValueError (one line) for combinations that cannot run."""
+    from .benchmark import Plan  # MLX and wgpu load only when the command runs
+
     overrides = {k: v for k, v in (("n_layer", args.layers), ("n_embd", args.embd), ("vocab_size", args.vocab))
                  if v is not None}
     strategies = [s for s in args.strategies if engine_of(s) in args.engines]
@@ -131,6 +137,7 @@ def format_table(records: list[dict]) -> str:
 
 def run_bench(args: argparse.Namespace) -> None:
     """`mlx-rwkv bench`: measure, print the table, and write / plot when asked."""
+    from .benchmark import run, webgpu_available
     from .kernels import gpu_backend
 
     plan = plan_from(args)

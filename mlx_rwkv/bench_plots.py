@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .bench_records import STRATEGIES
 from .config import SHAPES, config_for_shape
 from .output_files import check_output
 
-STRATEGY_ORDER = ("compiled", "whole-pass", "per-layer", "per-op", "webgpu-one-submit", "webgpu-per-op", "hybrid")
 
 
 def _pyplot():
@@ -35,20 +35,20 @@ def _decode(records: list[dict]) -> list[dict]:
 def plot_sync(doc: dict[str, Any], path: Path) -> bool:
     """Decode tok/s of each strategy (bars, log scale) for every (shape, precision) measured
     with more than one strategy at context 0; the syncs per token are written on the bars."""
-    rows = [r for r in _decode(doc["records"]) if not r.get("context") and r["strategy"] in STRATEGY_ORDER]
+    rows = [r for r in _decode(doc["records"]) if not r.get("context") and r["strategy"] in STRATEGIES]
     models = sorted({(r["shape"], r["precision"]) for r in rows}, key=_model_order)
     models = [m for m in models if len({r["strategy"] for r in rows if (r["shape"], r["precision"]) == m}) > 1]
     if not models:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(models) + 2), 4.5))
-    width = 0.8 / len(STRATEGY_ORDER)
-    for j, strategy in enumerate(STRATEGY_ORDER):
+    width = 0.8 / len(STRATEGIES)
+    for j, strategy in enumerate(STRATEGIES):
         for i, model in enumerate(models):
             rec = next((r for r in rows if (r["shape"], r["precision"]) == model and r["strategy"] == strategy), None)
             if rec is None:
                 continue
-            x = i + (j - (len(STRATEGY_ORDER) - 1) / 2) * width
+            x = i + (j - (len(STRATEGIES) - 1) / 2) * width
             ax.bar(x, rec["tok_s"], width, color=f"C{j}", label=strategy)
             if rec.get("syncs_per_token") is not None:
                 ax.text(x, rec["tok_s"], f"{rec['syncs_per_token']:g}", ha="center", va="bottom", fontsize=6)

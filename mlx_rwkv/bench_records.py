@@ -22,6 +22,17 @@ from typing import Any
 from .output_files import OutputError
 
 KEY_FIELDS = ("engine", "shape", "precision", "mode", "strategy", "batch", "tokens", "context")
+# DESIGN.md's names: where the host waits, per engine ("hybrid": WebGPU + the MLX Q4_K mat-vec)
+MLX_STRATEGIES = ("compiled", "whole-pass", "per-layer", "per-op")
+WEBGPU_STRATEGIES = ("webgpu-one-submit", "webgpu-per-op")
+STRATEGIES = MLX_STRATEGIES + WEBGPU_STRATEGIES + ("hybrid",)
+ENGINES = ("mlx", "webgpu", "hybrid")
+PRECISIONS = ("f16", "bf16", "f32", "q4k")
+
+
+def engine_of(strategy: str) -> str:
+    """The engine a strategy runs on ("mlx", "webgpu" or "hybrid")."""
+    return "mlx" if strategy in MLX_STRATEGIES else "webgpu" if strategy in WEBGPU_STRATEGIES else "hybrid"
 BANDWIDTH_BYTES = 256 << 20  # the copy that measures device bandwidth (H100 L2: 50 MB)
 
 

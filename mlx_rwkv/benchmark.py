@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .bench_records import KEY_FIELDS, record
+from .bench_records import KEY_FIELDS, MLX_STRATEGIES, STRATEGIES, record, engine_of
 from .config import ModelConfig, config_for_shape
 from .kernels import gpu_backend
 from .loading import build_model
@@ -41,21 +41,12 @@ from .state import State
 from .sync_strategies import EvalHook, Hybrid, count_kernel_nodes
 from .synth import synth_tensor
 
-PRECISIONS = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "q4k": "float16"}
+MLX_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "q4k": "float16"}  # activations
 WEBGPU_PRECISIONS = ("f16", "f32", "q4k")
 MATRIX_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q4k": BLOCK_BYTES / QK_K}
-MLX_STRATEGIES = ("compiled", "whole-pass", "per-layer", "per-op")
-WEBGPU_STRATEGIES = ("webgpu-one-submit", "webgpu-per-op")
-STRATEGIES = MLX_STRATEGIES + WEBGPU_STRATEGIES + ("hybrid",)
-ENGINES = ("mlx", "webgpu", "hybrid")
 # strategies that wait many times per token get fewer steps (Plan.slow_steps)
 SLOW_STRATEGIES = ("per-layer", "per-op", "webgpu-per-op", "hybrid")
 WEIGHTS_NOTE = "synthetic"  # the `weights` field of every record (see the module docstring)
-
-
-def engine_of(strategy: str) -> str:
-    """The engine a strategy runs on ("mlx", "webgpu" or "hybrid")."""
-    return "mlx" if strategy in MLX_STRATEGIES else "webgpu" if strategy in WEBGPU_STRATEGIES else "hybrid"
 
 
 @dataclass
@@ -349,9 +340,10 @@ def _guarded(what: str, log: Callable[[str], None], measure: Callable[[], list[d
 def describe(rec: dict) -> str:
     """One progress line for a record."""
     rate = f"{rec['tok_s']:.1f} tok/s" if "tok_s" in rec else f"{rec.get('gb_s')} GB/s"
+    syncs = rec.get("syncs_per_token") if rec["mode"] == "decode" else None
     extra = [f"context {rec['context']}" if rec.get("context") else "",
              f"{rec['kernels_per_token']} kernels/token" if rec.get("kernels_per_token") else "",
-             f"{rec['syncs_per_token']:g} syncs/token" if rec.get("syncs_per_token") and rec["mode"] == "decode" else "",
+             f"{syncs:g} syncs/token" if syncs else "",
              f"peak {rec['peak_memory_mb']:.0f} MB" if rec.get("peak_memory_mb") else ""]
     return (f"{rec['shape']} {rec['precision']} {rec['mode']} {rec['strategy']} ({rec['engine']}, {rec['tokens']} "
             f"tokens): {rate}" + "".join(f", {e}" for e in extra if e))
@@ -376,8 +368,9 @@ def run(plan: Plan, log: Callable[[str], None] = lambda s: print(s, file=sys.std
             if plan.official and precision in ("f16", "f32"):
                 records += _guarded(f"{what} official", log,
                                     lambda: official_records(weights, config, plan, shape, precision))
-            del weights
+            weights = None  # the models went with their functions; free the host copies and MLX's cache
             gc.collect()
+            mx.clear_cache()
             yield records
 
 
@@ -390,7 +383,7 @@ def _mlx_part(plan: Plan, shape: str, precision: str, config: ModelConfig, weigh
         log(f"{what}: compiled skipped: on the CPU the step is not compiled (it calls numpy)")
         strategies.remove("compiled")
     t0 = time.perf_counter()
-    model = build_model(weights, config, PRECISIONS[precision])
+    model = build_model(weights, config, MLX_DTYPES[precision])
     log(f"{what}: MLX model built in {time.perf_counter() - t0:.1f} s")
     records = []
     for strategy in strategies:
@@ -400,9 +393,6 @@ def _mlx_part(plan: Plan, shape: str, precision: str, config: ModelConfig, weigh
     for tokens in plan.prefill_tokens:
         records += _guarded(f"{what} mlx prefill {tokens}", log, lambda: mlx_prefill(model, tokens, plan, shape,
                                                                                       precision))
-    del model
-    gc.collect()
-    mx.clear_cache()
     return dedupe(records)
 
 
@@ -440,6 +430,4 @@ def _webgpu_part(plan: Plan, shape: str, precision: str, config: ModelConfig, we
     for strategy in strategies:
         records += _guarded(f"{what} {strategy}", log,
                             lambda: webgpu_decode(model, strategy, plan, shape, precision, plan.bandwidth_gb_s))
-    del model
-    gc.collect()
     return records

@@ -171,7 +171,8 @@ class _HostLinear:
                 out = out + np.stack([dst[s: s + g.m] for s in starts])
             self._write(g, out)
 
-    def _read_back(self, src_span: tuple[int, int], dst_span: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _read_back(self, src_span: tuple[int, int],
+                   dst_span: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
         """The floats of both spans from the GPU, after everything submitted before: one wait."""
         sizes = [4 * (src_span[1] - src_span[0])] + ([4 * (dst_span[1] - dst_span[0])] if dst_span else [])
         if self.staging is None or self.staging.size < sum(sizes):
@@ -196,7 +197,8 @@ class _HostLinear:
             queue.write_buffer(self.dst, 4 * g.out_off, np.ascontiguousarray(out, np.float32))
         else:
             for t in range(T):
-                queue.write_buffer(self.dst, 4 * (g.out_off + t * g.out_stride), np.ascontiguousarray(out[t], np.float32))
+                row = np.ascontiguousarray(out[t], np.float32)
+                queue.write_buffer(self.dst, 4 * (g.out_off + t * g.out_stride), row)
 
     def mlx_nodes(self) -> int:
         """Kernel nodes MLX runs for one token of this op."""
