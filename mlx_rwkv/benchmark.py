@@ -218,8 +218,9 @@ def mlx_prefill(model: RWKV7, tokens: int, plan: Plan, shape: str, precision: st
 
 
 def mlx_contexts(model: RWKV7, plan: Plan, shape: str, precision: str, strategy: str) -> list[dict]:
-    """Decode after each context length (prefilled in turn from one zero state, decoding from a
-    copy), then the prefill to the longest context as one record with its peak memory."""
+    """Decode after each context length (prefilled in turn from one zero state; each decode runs
+    on a copy), and a prefill record per length: the time from zero to it and MLX's peak memory
+    so far (flat when memory is bounded by the chunk)."""
     records, state, done, seconds, peak = [], model.new_state(), 0, 0.0, 0.0
     for context in sorted(set(plan.contexts)):
         if context > done:
