@@ -61,7 +61,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=check.int_at_least(1), help="override the vocabulary size (65536)")
     p.add_argument("--decode-steps", type=check.int_at_least(1), default=8, help="timed decode tokens per repeat")
     p.add_argument("--slow-steps", type=check.int_at_least(1), default=4,
-                   help="the same for strategies that wait many times a token (per-layer, per-op, webgpu-per-op, hybrid)")
+                   help="the same for strategies that wait many times a token "
+                        "(per-layer, per-op, webgpu-per-op, hybrid)")
     p.add_argument("--repeats", type=check.int_at_least(1), default=3, help="timed repeats (the median is recorded)")
     p.add_argument("--contexts", nargs="+", type=token_count, default=[], metavar="N",
                    help="MLX: decode after prefilling N tokens each (e.g. 0 4k 16k 64k)")
