@@ -33,7 +33,6 @@ import numpy as np
 
 from .bench_records import KEY_FIELDS, MLX_STRATEGIES, STRATEGIES, record, engine_of
 from .config import ModelConfig, config_for_shape
-from .kernels import gpu_backend
 from .loading import build_model
 from .model import RWKV7
 from .quant import BLOCK_BYTES, QK_K, Q4KTensor, is_quantizable
@@ -157,8 +156,11 @@ class MLXDecoder:
         self.token = mx.argmax(logits, axis=-1).astype(mx.int32)
         mx.eval(self.token)  # the one wait per token every strategy has
 
-    def kernels_per_token(self) -> int:
-        """Kernel nodes of one step: the compiled graph's, or those the per-op hook evaluates."""
+    def kernels_per_token(self) -> int | None:
+        """Kernel nodes of one step: the compiled graph's, or those the per-op hook evaluates
+        (None for the CPU float32 path, which runs in numpy)."""
+        if self.model.on_host:
+            return None
         if self.strategy == "compiled":
             logits, state = self._forward(self.token, self.state)
             return sum(count_kernel_nodes(logits, state.arrays()).values())
@@ -213,7 +215,7 @@ def mlx_prefill(model: RWKV7, tokens: int, plan: Plan, shape: str, precision: st
         rates.append(tokens / (time.perf_counter() - t0))
         peak = max(peak, peak_mb())
     return record("mlx", plan.label(shape), precision, "prefill", "whole-pass", tokens=tokens, rates=rates,
-                  syncs_per_token=round(1 / min(tokens, plan.chunk_size), 6), peak_memory_mb=peak, context=0,
+                  syncs_per_token=round(-(-tokens // plan.chunk_size) / tokens, 6), peak_memory_mb=peak, context=0,
                   chunk_size=plan.chunk_size, weights=WEIGHTS_NOTE)
 
 
@@ -221,9 +223,10 @@ def mlx_contexts(model: RWKV7, plan: Plan, shape: str, precision: str, strategy:
     """Decode after each context length (prefilled in turn from one zero state; each decode runs
     on a copy), and a prefill record per length: the time from zero to it and MLX's peak memory
     so far (flat when memory is bounded by the chunk)."""
-    records, state, done, seconds, peak = [], model.new_state(), 0, 0.0, 0.0
+    records, state, done, seconds, peak, evals = [], model.new_state(), 0, 0.0, 0.0, 0
     for context in sorted(set(plan.contexts)):
         if context > done:
+            evals += -(-(context - done) // plan.chunk_size)  # one evaluation per chunk
             mx.reset_peak_memory()
             t0 = time.perf_counter()
             _, state = model.forward(random_ids(context - done, model.config.vocab_size, context), state,
@@ -233,7 +236,7 @@ def mlx_contexts(model: RWKV7, plan: Plan, shape: str, precision: str, strategy:
             peak = max(peak, peak_mb())
             done = context
             records.append(record("mlx", plan.label(shape), precision, "prefill", "whole-pass", tokens=done,
-                                  rates=[done / seconds], syncs_per_token=round(1 / plan.chunk_size, 6),
+                                  rates=[done / seconds], syncs_per_token=round(evals / done, 6),
                                   peak_memory_mb=peak, context=0, chunk_size=plan.chunk_size,
                                   weights=WEIGHTS_NOTE))
         records.append(mlx_decode(model, strategy, plan, shape, precision, state.copy(), context))
@@ -355,7 +358,6 @@ def run(plan: Plan, log: Callable[[str], None] = lambda s: print(s, file=sys.std
     """The plan's records, one list per (shape, precision) as soon as it is measured (so a caller
     can write them before the next model is built). adapter: the wgpu adapter's name (None: the
     WebGPU strategies and the hybrid are skipped)."""
-    best_mlx = "compiled" if gpu_backend() else "whole-pass"  # the CPU path is never compiled
     for shape in plan.shapes:
         config = config_for_shape(shape, **plan.overrides)
         for precision in plan.precisions:
@@ -364,7 +366,7 @@ def run(plan: Plan, log: Callable[[str], None] = lambda s: print(s, file=sys.std
             weights = synthetic_weights(config, precision)
             log(f"{what}: synthetic weights in {time.perf_counter() - t0:.1f} s")
             records: list[dict] = []
-            records += _mlx_part(plan, shape, precision, config, weights, best_mlx, what, log)
+            records += _mlx_part(plan, shape, precision, config, weights, what, log)
             records += _webgpu_part(plan, shape, precision, config, weights, adapter, what, log)
             if plan.official and precision in ("f16", "f32"):
                 records += _guarded(f"{what} official", log,
@@ -375,17 +377,20 @@ def run(plan: Plan, log: Callable[[str], None] = lambda s: print(s, file=sys.std
             yield records
 
 
-def _mlx_part(plan: Plan, shape: str, precision: str, config: ModelConfig, weights: dict, best: str, what: str,
+def _mlx_part(plan: Plan, shape: str, precision: str, config: ModelConfig, weights: dict, what: str,
               log: Callable[[str], None]) -> list[dict]:
     strategies = [s for s in plan.strategies if s in MLX_STRATEGIES]
     if not (strategies or plan.contexts or plan.prefill_tokens):
         return []
-    if "compiled" in strategies and not gpu_backend():
-        log(f"{what}: compiled skipped: on the CPU the step is not compiled (it calls numpy)")
-        strategies.remove("compiled")
     t0 = time.perf_counter()
     model = build_model(weights, config, MLX_DTYPES[precision])
     log(f"{what}: MLX model built in {time.perf_counter() - t0:.1f} s")
+    best = "whole-pass" if model.on_host else "compiled"  # for the context sweep
+    if model.on_host:  # CPU float32: one numpy pass with no MLX graph to compile or to evaluate in parts
+        skipped = [s for s in strategies if s != "whole-pass"]
+        strategies = [s for s in strategies if s == "whole-pass"]
+        if skipped:
+            log(f"{what}: {', '.join(skipped)} skipped: the CPU float32 forward runs in numpy (whole-pass only)")
     records = []
     for strategy in strategies:
         records += _guarded(f"{what} mlx {strategy}", log, lambda: mlx_decode(model, strategy, plan, shape, precision))

@@ -57,13 +57,15 @@ def test_mlx_strategies_table_and_records(tmp_path, capsys):
     for precision in ("f16", "q4k"):
         decode = {(r["strategy"], r["context"]): r for r in records
                   if r["mode"] == "decode" and r["precision"] == precision}
-        assert set(decode) == {("whole-pass", 0), ("per-layer", 0), ("per-op", 0), ("whole-pass", 40)}
+        # the context sweep decodes with the compiled step
+        assert set(decode) == {("whole-pass", 0), ("per-layer", 0), ("per-op", 0), ("compiled", 0), ("compiled", 40)}
         # waits per token: one for the token, plus one per layer, or one per op and the head
-        assert decode["whole-pass", 0]["syncs_per_token"] == 1
+        assert decode["whole-pass", 0]["syncs_per_token"] == decode["compiled", 40]["syncs_per_token"] == 1
         assert decode["per-layer", 0]["syncs_per_token"] == LAYERS + 1
         assert decode["per-op", 0]["syncs_per_token"] == OPS_PER_LAYER * LAYERS + 2
-        kernels = {r["kernels_per_token"] for r in decode.values()}
-        assert len(kernels) == 1 and kernels.pop() > OPS_PER_LAYER * LAYERS  # one graph, counted the same way
+        kernels = {decode[s, 0]["kernels_per_token"] for s in ("whole-pass", "per-layer", "per-op")}
+        assert len(kernels) == 1  # one graph, counted the same way
+        assert OPS_PER_LAYER * LAYERS < decode["compiled", 0]["kernels_per_token"] <= min(kernels)  # fused
         prefill = sorted(r["tokens"] for r in records if r["mode"] == "prefill" and r["precision"] == precision)
         assert prefill == [24, 40]  # the timed prefill and the context sweep's
     # rerunning merges: a record of the same key replaces the older one
@@ -71,6 +73,15 @@ def test_mlx_strategies_table_and_records(tmp_path, capsys):
            "--results-dir", str(tmp_path)], capsys)
     again = only_file(tmp_path)["records"]
     assert len(again) == len(records)
+
+
+def test_cpu_float32_runs_whole_pass_only(tmp_path, capsys):
+    """The CPU float32 forward is one numpy pass: no MLX graph to compile or evaluate in parts."""
+    _, err = bench([*TINY, "--engines", "mlx", "--precisions", "f32", "--strategies", "compiled", "whole-pass",
+                    "per-op", "--write", "--results-dir", str(tmp_path)], capsys)
+    (rec,) = only_file(tmp_path)["records"]
+    assert rec["strategy"] == "whole-pass" and rec["kernels_per_token"] is None
+    assert "compiled, per-op skipped" in err
 
 
 def test_foreign_file_is_not_replaced_without_force(tmp_path, capsys):
