@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench import render_readme
-from mlx_rwkv import bench_cli
+from mlx_rwkv import bench_cli, cli
 from mlx_rwkv import model as model_module
 from mlx_rwkv.config import ModelConfig
 from mlx_rwkv.matvec import ProjectionGroup
@@ -27,7 +27,8 @@ TINY_CONFIG = ModelConfig(n_layer=2, n_embd=256, head_size=64, vocab_size=300, d
 
 
 def bench(argv: list[str], capsys) -> tuple[str, str]:
-    bench_cli.main(argv)
+    """`mlx-rwkv bench ARGV`: (stdout, stderr)."""
+    cli.main(["bench", *argv])
     out = capsys.readouterr()
     return out.out, out.err
 
@@ -106,7 +107,7 @@ def test_foreign_file_is_not_replaced_without_force(tmp_path, capsys):
 ])
 def test_bad_options_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        bench_cli.main(argv)
+        cli.main(["bench", *argv])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -119,7 +120,7 @@ def test_bad_options_are_one_line_errors(argv, message, capsys):
 ])
 def test_impossible_combinations_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit, match=message):
-        bench_cli.main([*TINY[:6], *argv])
+        cli.main(["bench", *TINY[:6], *argv])
 
 
 def test_token_counts_take_a_k_suffix():
