@@ -187,9 +187,8 @@ def wkv7_host(r, k, v, g, lw, la, lv, v_first, params, state) -> tuple[np.ndarra
     kk /= np.maximum(np.sqrt(np.sum(kk * kk, axis=-1, keepdims=True)), 1e-12)
     k = k * (1 + (a - 1) * p["k_a"])
     y, state = host_recurrence(r, w, k, v, -kk, kk * a, np.array(state))  # (B, T, H, N)
-    mean = np.mean(y, axis=-1, keepdims=True)
-    var = np.mean(np.square(y - mean), axis=-1, keepdims=True)
-    y = (y - mean) / np.sqrt(var + GROUP_NORM_EPS) * p["ln_w"] + p["ln_b"]
+    y -= y.sum(axis=-1, keepdims=True) / N  # GroupNorm, one group per head
+    y = y / np.sqrt(np.square(y).sum(axis=-1, keepdims=True) / N + GROUP_NORM_EPS) * p["ln_w"] + p["ln_b"]
     bonus = np.sum(r * k * p["r_k"], axis=-1, keepdims=True) * v
     return ((y + bonus) * g).reshape(B, T, C), state
 
