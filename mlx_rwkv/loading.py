@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import ModelConfig, config_for_shape
+from .kernels import gpu_backend
 from .matvec import ProjectionGroup, Segment
 from .model import LORAS, MIX_ORDER, RWKV7, Layer
 from .quant import is_quantized_file, load_quantized, quantize_model
@@ -90,9 +91,16 @@ def build_layer(w: Mapping[str, np.ndarray], i: int, config: ModelConfig, dtype:
     )
 
 
-def build_model(weights: Mapping[str, np.ndarray], config: ModelConfig, dtype: str = "float16",
+def default_dtype() -> str:
+    """What dtype "auto" means: float16 on a GPU; float32 on the CPU, where the float32 forward
+    pass runs on numpy's BLAS (RWKV7._run_host) and MLX's float16 matmuls are slow."""
+    return "float16" if gpu_backend() else "float32"
+
+
+def build_model(weights: Mapping[str, np.ndarray], config: ModelConfig, dtype: str = "auto",
                 progress: bool = False) -> RWKV7:
-    """An `RWKV7` from canonical weights (official names and shapes)."""
+    """An `RWKV7` from canonical weights (official names and shapes); dtype "auto": `default_dtype()`."""
+    dtype = default_dtype() if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     mxd = DTYPES[dtype]
@@ -145,13 +153,14 @@ def tokenizer_for(config: ModelConfig):
     return None
 
 
-def load(path: str | os.PathLike | None = None, dtype: str = "float16", quant: str | None = None,
+def load(path: str | os.PathLike | None = None, dtype: str = "auto", quant: str | None = None,
          progress: bool = False):
     """Load a model and its tokenizer: `model, tokenizer = mlx_rwkv.load(path)`.
 
     path: an official .pth, .safetensors, rwkv.cpp .bin, llama.cpp rwkv7 .gguf or a Q4_K file
     written by `mlx-rwkv quantize`; None loads the built-in synthetic 0.1B model (random
-    weights: for trying the engine, not for text). quant: None or "q4k" (quantize at load).
+    weights: for trying the engine, not for text). dtype: "float16", "bfloat16", "float32" or "auto"
+    (float16 on a GPU, float32 on the CPU). quant: None or "q4k" (quantize at load).
     """
     if quant not in (None, "q4k"):
         raise ValueError(f"quant must be None or 'q4k', got {quant!r}")
