@@ -47,9 +47,13 @@ ROWS_PER_SIMDGROUP_MULTI = 4
 Q4K_BLOCKS_IN_FLIGHT = 1  # Q4_K super-blocks each lane loads ahead per row (registers vs latency)
 WARPS = 8  # SIMD-groups per threadgroup
 _FMT = {mx.float16: 0, mx.bfloat16: 1, mx.float32: 2}
-# CPU (numpy) matmuls take activation rows in blocks of this many (see _host_matmul): 64 ran at the
-# speed of one call for 128 tokens; 16 took 2-4x longer (every call reads all of the weights)
-HOST_ROWS = 64
+# CPU (numpy) matmuls (see _host_matmul): up to HOST_MATVEC_ROWS activation rows one mat-vec each,
+# more in blocks of exactly HOST_ROWS rows. OpenBLAS's matmul has a fixed cost per call (it repacks
+# the weights): the 0.1B shape's layer matrices took, per 4 layers, 3.3 ms for one row (mat-vec),
+# 12.5 ms for 2 rows, 23 for 64, 36 for 128, 56 for 256 (2 Xeon cores), so a row costs 0.28 ms in
+# 128-row blocks, 0.37 in 64-row ones, and mat-vecs win below ~10 rows.
+HOST_ROWS = 128
+HOST_MATVEC_ROWS = 8
 
 
 @dataclass
@@ -82,16 +86,19 @@ def _activate(y: mx.array, act: str) -> mx.array:
 
 
 def _host_matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-    """out = x w^T for x (n, K), w (rows, K), with each row's bits independent of the other rows.
+    """out = x w^T for x (n, K), w (rows, K), each row's bits independent of the other rows.
 
-    One row (decode) is a mat-vec. More rows go in blocks of exactly HOST_ROWS, the last one
-    zero-padded: OpenBLAS picks its kernels and blocking by the matrix sizes, so a row's result
-    changed with the row count of the call (a prompt split over two calls differed in the last
-    bits from one call), never with its place in a call of a given size (tests/test_cpu_path.py).
+    Up to HOST_MATVEC_ROWS rows (decode, small batches) are one mat-vec each. More rows go in
+    blocks of exactly HOST_ROWS, the last one zero-padded: OpenBLAS picks its kernels and blocking
+    by the matrix sizes, so a row's result changed with the row count of the call (a prompt split
+    over two calls differed in the last bits from one call), never with its place in a call of a
+    given size (tests/test_cpu_path.py). So rows of calls longer than HOST_MATVEC_ROWS always agree
+    bit for bit; a mat-vec row and a block row agree to float32 rounding (as decode and prefill).
     """
     n = x.shape[0]
-    if n == 1:
-        np.matmul(x, w.T, out=out)
+    if n <= HOST_MATVEC_ROWS:
+        for i in range(n):
+            np.matmul(x[i: i + 1], w.T, out=out[i: i + 1])
         return
     for start in range(0, n, HOST_ROWS):
         block = x[start: start + HOST_ROWS]
@@ -115,12 +122,6 @@ def _activate_host(y: np.ndarray, act: str) -> None:
         np.square(y, out=y)
 
 
-def _runs_on_host(linears: list, dtype: mx.Dtype) -> bool:
-    """Whether a group of matmul layers runs in numpy: dense float32 weights on the CPU."""
-    return (gpu_backend() is None and dtype == mx.float32
-            and all(isinstance(layer, Dense) for layer in linears))
-
-
 class ProjectionGroup:
     """Segments applied to one flat input; `group(x, nt)` -> flat output, `split` -> views."""
 
@@ -132,22 +133,26 @@ class ProjectionGroup:
         self.dtype = dtype
         self.has_q4k = any(isinstance(s.weight, Q4KTensor) for s in segments)
         self.kernel = get_kernel(MATVEC)
+        self.host_weights = None
         if self.kernel is not None and all(k % 8 == 0 for _, k in self.shapes) \
                 and all(base % 8 == 0 for base in self.x_bases):
             self._pack(segments)
+        elif gpu_backend() is None and dtype == mx.float32 and not self.has_q4k:
+            # CPU float32 (`host`): the weights as new numpy arrays only. numpy asks Linux for
+            # transparent huge pages on large arrays, MLX does not: the head mat-vec took 5.5 ms
+            # over numpy's memory, 7.2 ms over MLX's (TLB misses)
+            self.kernel, self.linears = None, []
+            self.host_weights = [np.array(s.weight, dtype=np.float32) for s in segments]
         else:
             self.kernel = None
             self.linears = [_linear(s.weight, dtype) for s in segments]
         # materialize now: a lazy weight captured by the compiled decode step would be
         # recomputed (re-packed) on every step
         mx.eval([vars(layer) for layer in self.linears if layer is not None], self.__dict__)
-        # CPU float32: numpy views of the weights (no copy) for `host`
-        self.host_weights = [np.asarray(layer.weight) for layer in self.linears] \
-            if self.kernel is None and _runs_on_host(self.linears, dtype) else None
 
     @property
     def on_host(self) -> bool:
-        """Whether `host` can run this group: dense float32 weights on the CPU."""
+        """Whether this group runs in numpy (`host`): dense float32 weights on the CPU."""
         return self.host_weights is not None
 
     @property
@@ -156,6 +161,8 @@ class ProjectionGroup:
 
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
+        if self.host_weights is not None:
+            return mx.array(self.host(np.asarray(x), nt))
         if self.kernel is not None and nt <= MAX_ROWS:
             template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k)
             nr = dict(template)["NR"]
@@ -180,7 +187,8 @@ class ProjectionGroup:
                                                      self.x_bases, self.y_bases):
             y = out[nt * y_base: nt * (y_base + rows)].reshape(nt, rows)
             _host_matmul(flat[nt * x_base: nt * (x_base + k)].reshape(nt, k), w, y)
-            _activate_host(y, act)
+            if act != "none":
+                _activate_host(y, act)
         return out
 
     def split(self, y: mx.array, nt: int) -> list[mx.array]:

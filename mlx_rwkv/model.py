@@ -133,6 +133,7 @@ class RWKV7:
         """`_run` in float32 numpy (the CPU path): the same ops, MLX arrays only in and out."""
         B, T = ids.shape
         nt, C = B * T, self.config.n_embd
+        mx.eval(ids, state.arrays())  # one round trip (a new state's zeros are lazy)
         x, dx = np.asarray(self.emb)[np.asarray(ids)], None  # (B, T, C)
         att_x, wkv, ffn_x = [], [], []
         v_first = None

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import SMALL_CONFIGS
 from mlx_rwkv.loading import build_model, load
-from mlx_rwkv.matvec import HOST_ROWS, _host_matmul
+from mlx_rwkv.matvec import HOST_MATVEC_ROWS, HOST_ROWS, _host_matmul
 from mlx_rwkv.norm_mix import norm_mix, norm_mix_host
 from mlx_rwkv.synth import synthesize
 from mlx_rwkv.wkv import PARAM_NAMES, wkv7_host, wkv7_reference
@@ -52,8 +52,8 @@ def test_float32_is_the_cpu_default(weights, synthetic_checkpoint):
 
 
 def test_host_forward_equals_the_mlx_ops_forward(weights):
-    """The same model through _run_host and through _run's MLX ops (MLX matmuls, norm_mix,
-    wkv7_reference): prefill with all logits, then decode steps from its state."""
+    """The same model through _run_host and through _run's MLX ops (norm_mix, wkv7_reference;
+    the projection groups stay numpy): prefill with all logits, then decode steps from its state."""
     config = SMALL_CONFIGS[NAME]
     host = build_model(weights, config, "float32")
     ops = build_model(weights, config, "float32")
@@ -106,19 +106,27 @@ def test_norm_mix_host_equals_mlx(first_layer):
 @pytest.mark.parametrize("rows, K", [(320, 320), (1280, 320), (32, 320), (37, 320), (64, 192), (768, 768),
                                      (3072, 768), (768, 3072)])
 def test_host_matmul_rows_do_not_depend_on_the_call(rows, K):
-    """A row's bits must not depend on how many rows share its call, or where it sits: otherwise
-    a prompt split over two calls (or a saved state, continued) differs from one call. One plain
-    np.matmul per call (OpenBLAS 0.3.31, 2 Xeon cores) failed this for 4 of these 8 shapes."""
+    """A row's bits must not depend on how many rows share its call (beyond HOST_MATVEC_ROWS),
+    or where it sits: otherwise a prompt split over two calls (or a saved state, continued)
+    differs from one call. One plain np.matmul per call (OpenBLAS 0.3.31, 2 Xeon cores) failed
+    this for 4 of these 8 shapes. Calls of up to HOST_MATVEC_ROWS rows: row by row, like decode."""
     rng = np.random.default_rng(rows + K)
     w = rng.standard_normal((rows, K)).astype(np.float32)
     x = rng.standard_normal((2 * HOST_ROWS + 11, K)).astype(np.float32)
     whole = np.empty((len(x), rows), np.float32)
     _host_matmul(x, w, whole)
-    for cut in (2, 9, HOST_ROWS - 1, HOST_ROWS + 3, len(x) - 2):
+    small = HOST_MATVEC_ROWS + 1
+    for cut in (small, 2 * small, HOST_ROWS - 1, HOST_ROWS + 3, len(x) - small):
         parts = np.empty_like(whole)
         _host_matmul(x[:cut], w, parts[:cut])
         _host_matmul(x[cut:], w, parts[cut:])
         assert np.array_equal(parts, whole), f"rows differ when the call is split at {cut}"
+    one_by_one = np.empty_like(whole[:HOST_MATVEC_ROWS])
+    _host_matmul(x[:HOST_MATVEC_ROWS], w, one_by_one)
+    for i in range(HOST_MATVEC_ROWS):
+        row = np.empty((1, rows), np.float32)
+        _host_matmul(x[i: i + 1], w, row)
+        assert np.array_equal(one_by_one[i], row[0])
 
 
 def test_matches_the_official_package(official_rwkv, synthetic_checkpoint):
