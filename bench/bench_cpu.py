@@ -111,9 +111,9 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                 run = engines[e].decode if mode == "decode" else engines[e].prefill
                 time.sleep(args.pause)  # the other engine's BLAS / OpenMP threads stop spinning
                 rates[e, mode].append(run(args.decode_steps if mode == "decode" else ids))
-    # our host round trips per token: 6 per layer (5 projection groups, the WKV recurrence), the
-    # head, the token read
-    syncs = {"mlx": 6 * config.n_layer + 2, "rwkv-official": None}
+    # MLX evaluations per decode step: the step's inputs (RWKV7._run_host; the rest is numpy, run
+    # as it is called) and the token read. torch on the CPU runs every op as it is called.
+    syncs = {"mlx": 2, "rwkv-official": None}
     bpt = weight_bytes_per_token(config, "f32")
     records = []
     for mode in ("decode", "prefill"):
