@@ -152,9 +152,9 @@ class RWKV7:
             dx = layer.ffn_value.host(layer.ffn_key.host(xk, nt), nt).reshape(B, T, C)
             ffn_x.append(h[:, -1, :])
         x = layer_norm_host(x + dx if all_logits else x[:, -1:] + dx[:, -1:], *self.ln_out)
-        head = lambda x: self.head.host(x, x.shape[0] * x.shape[1]).reshape(*x.shape[:2], -1)  # noqa: E731
-        # numpy rounds a one-row product (gemv) unlike a many-row one (gemm): the last token gets
-        # its own call, as without all_logits, so that both give the same bits
+        head = lambda h: self.head.host(h, h.shape[0] * h.shape[1]).reshape(*h.shape[:2], -1)  # noqa: E731
+        # a row's bits depend on whether its call is a few mat-vecs or row blocks (_host_matmul):
+        # the last token gets its own call, as without all_logits, so that both give the same bits
         logits = np.concatenate([head(x[:, :-1]), head(x[:, -1:])], axis=1) if x.shape[1] > 1 else head(x)
         return mx.array(logits), State(*([mx.array(a) for a in part] for part in (att_x, wkv, ffn_x)))
 
