@@ -4,9 +4,9 @@
 one under that name in a scratch directory, where every block runs (a block that talks to
 the server at 127.0.0.1:8000 gets `mlx-rwkv serve --model model.pth` running). In bash blocks,
 `pip install` commands are checked (the extras exist) but not run: CI has just run them;
-the test command is checked to be the one `.ci/run` runs; `python -m bench...` commands (GPU
-host jobs of minutes) have their full argument lists parsed by the script's own parser; every
-other command runs and must exit 0.
+the test command is checked to be the one `.ci/run` runs; `python -m bench...` commands and
+`mlx-rwkv` lines that end in `# on the GPU host` (GPU jobs of minutes) have their full
+argument lists parsed by their own parsers; every other command runs and must exit 0.
 """
 from __future__ import annotations
 
@@ -125,6 +125,18 @@ def check_bench(segment: str, monkeypatch) -> None:
             runpy.run_module(module, run_name="__main__")
 
 
+GPU_HOST = "# on the GPU host"
+
+
+def check_cli(segment: str) -> None:
+    """An `mlx-rwkv` command meant for the GPU host: its arguments must parse."""
+    from mlx_rwkv.cli import build_parser
+
+    argv = shlex.split(segment, comments=True)
+    assert argv[0] == "mlx-rwkv", segment
+    build_parser().parse_args(argv[1:])
+
+
 @pytest.mark.parametrize("index", range(len(code_blocks("bash"))))
 def test_bash_block_runs(scratch: Path, index: int, monkeypatch):
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -136,6 +148,8 @@ def test_bash_block_runs(scratch: Path, index: int, monkeypatch):
                 continue  # this is the command running now
             elif re.match(r"python3? -m bench\.", segment):
                 check_bench(segment, monkeypatch)
+            elif segment.endswith(GPU_HOST):
+                check_cli(segment)
             else:
                 done = subprocess.run(["bash", "-c", f"set -o pipefail; {segment}"], cwd=scratch, env=env,
                                       capture_output=True, text=True, timeout=600)
