@@ -150,6 +150,13 @@ class ProjectionGroup:
         # recomputed (re-packed) on every step
         mx.eval([vars(layer) for layer in self.linears if layer is not None], self.__dict__)
 
+    def to_mlx(self) -> None:
+        """Run as MLX ops from now on (a model that is not all on the host is traced by mx.compile)."""
+        if self.host_weights is not None:
+            self.linears = [_linear(w, self.dtype) for w in self.host_weights]
+            self.host_weights = None
+            mx.eval([vars(layer) for layer in self.linears])
+
     @property
     def on_host(self) -> bool:
         """Whether this group runs in numpy (`host`): dense float32 weights on the CPU."""

@@ -62,7 +62,11 @@ class RWKV7:
         self.head = head
         self.dtype = dtype
         # CPU, float32: the forward pass runs in numpy (_run_host), which mx.compile cannot trace
-        self.on_host = head.on_host and all(g.on_host for layer in self.layers for g in layer.groups())
+        groups = [head, *(g for layer in self.layers for g in layer.groups())]
+        self.on_host = all(g.on_host for g in groups)
+        if not self.on_host:  # e.g. Q4_K on the CPU: the float32 LoRA groups must be MLX ops too
+            for g in groups:
+                g.to_mlx()
         self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
 
     # -- public API ---------------------------------------------------------------------

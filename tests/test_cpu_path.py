@@ -8,6 +8,8 @@ state files) in test_mlx_model.py run on this path too.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from conftest import SMALL_CONFIGS
 from mlx_rwkv.loading import build_model, load
 from mlx_rwkv.matvec import HOST_MATVEC_ROWS, HOST_ROWS, _host_matmul
 from mlx_rwkv.norm_mix import norm_mix, norm_mix_host
+from mlx_rwkv.quant import quantize_model
 from mlx_rwkv.synth import synthesize
 from mlx_rwkv.wkv import PARAM_NAMES, wkv7_host, wkv7_reference
 
@@ -42,6 +45,18 @@ def test_float32_takes_the_host_path_other_dtypes_the_mlx_ops(weights):
     assert f32.on_host and not f16.on_host
     assert f32._compiled_step == f32._step_arrays  # numpy cannot be traced: no mx.compile
     assert f16._compiled_step != f16._step_arrays
+
+
+def test_q4k_float32_runs_all_groups_as_mlx_ops(weights):
+    """Q4_K groups run on MLX ops, so the float32 LoRA groups must too: the compiled step traces them."""
+    config = dataclasses.replace(SMALL_CONFIGS["c128-h2"], n_embd=256, d_ffn=1024)  # Q4_K rows of 256
+    q4 = quantize_model(synthesize(config, seed=1), include_head=True, progress=False)
+    model = build_model(q4, config, "float32")
+    assert not model.on_host
+    logits, state = model.forward([1, 2, 3])
+    step_logits, _ = model.step(mx.array([4]), state)
+    whole, _ = model.forward([1, 2, 3, 4])
+    assert rel(step_logits[0], whole) < 1e-4
 
 
 def test_float32_is_the_cpu_default(weights, synthetic_checkpoint):
