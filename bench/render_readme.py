@@ -118,9 +118,12 @@ def prefill_table(doc: Doc) -> str | None:
                    and "tok_s" in r), key=lambda r: (_model_key(r), r["tokens"]))
     if not rows:
         return None
-    return table(["shape", "precision", "prompt tokens", "chunk", "prefill tok/s", "peak MB"],
-                 [[r["shape"], r["precision"], _tokens(r["tokens"]), str(r.get("chunk_size", "")), _num(r["tok_s"]),
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    text = table(["shape", "precision", "prompt tokens", "chunk", "prefill tok/s", "peak MB"],
+                 [[r["shape"], r["precision"], _tokens(r["tokens"]), str(r.get("chunk_size", "")),
+                   f"({_num(r['tok_s'])})*" if r.get("note") else _num(r["tok_s"]),
                    _num(r.get("peak_memory_mb"), "{:,.0f}")] for r in rows])
+    return text + "".join(f"\n\n\\* {note}" for note in notes)
 
 
 def _tokens(n: int) -> str:

@@ -224,6 +224,10 @@ def mlx_contexts(model: RWKV7, plan: Plan, shape: str, precision: str, strategy:
     on a copy), and a prefill record per length: the time from zero to it and MLX's peak memory
     so far (flat when memory is bounded by the chunk)."""
     records, state, done, seconds, peak, evals = [], model.new_state(), 0, 0.0, 0.0, 0
+    # warm-up: the first chunked forward compiles the prefill kernels (~11 s on the H100 on
+    # 2026-12-06, which the first records of this sweep included as prefill time)
+    _, warm = model.forward(random_ids(plan.chunk_size, model.config.vocab_size, 1), chunk_size=plan.chunk_size)
+    mx.eval(warm.arrays())
     for context in sorted(set(plan.contexts)):
         if context > done:
             evals += -(-(context - done) // plan.chunk_size)  # one evaluation per chunk
