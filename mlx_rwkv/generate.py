@@ -74,7 +74,8 @@ def stream_generate(model: RWKV7, tokenizer, prompt: str | Sequence[int], max_to
     if bad:
         raise ValueError(f"stop token {bad[0]} is outside this model's vocabulary (0..{V - 1})")
     stops = set(stop_tokens)
-    sampler = Sampler(sampling or SamplingParams(), model.config.vocab_size, seed=seed)
+    sampler = Sampler(sampling or SamplingParams(), model.config.vocab_size, seed=seed,
+                      banned=getattr(tokenizer, "textless_ids", ()))  # ids that have no text
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     hold = max((len(s) for s in stop_strings), default=1) - 1  # text that may start a stop string
     pending, emitted, flush = "", 0, True

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import mlx.core as mx
 
@@ -50,11 +51,13 @@ class SamplingParams:
 class Sampler:
     """Stateful sampler for (B, V) logits; keeps the penalty counts on the device."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, batch_size: int = 1, seed: int | None = None):
+    def __init__(self, params: SamplingParams, vocab_size: int, batch_size: int = 1, seed: int | None = None,
+                 banned: Sequence[int] = ()):
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < SEED_LIMIT):
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
         self.params = params
         self.vocab_size = vocab_size
+        self.ban = ban_mask(banned, vocab_size)
         self.key = mx.random.key(seed) if seed is not None else None
         self.counts = mx.zeros((batch_size, vocab_size), mx.float32) if params.uses_penalties else None
         self.seen = mx.zeros((batch_size, vocab_size), mx.bool_) if params.uses_penalties else None
@@ -64,6 +67,8 @@ class Sampler:
         p = self.params
         logits = logits.astype(mx.float32)
         finite = mx.all(mx.isfinite(logits), axis=-1)
+        if self.ban is not None:
+            logits = logits + self.ban
         if self.counts is not None:
             logits = logits - mx.where(self.seen, p.presence_penalty + self.counts * p.frequency_penalty, 0.0)
         if p.temperature == 0:
@@ -82,6 +87,17 @@ class Sampler:
             return mx.random.categorical(logits, axis=-1)
         self.key, sub = mx.random.split(self.key)
         return mx.random.categorical(logits, axis=-1, key=sub)
+
+
+def ban_mask(ids: Sequence[int], vocab_size: int) -> mx.array | None:
+    """An additive (V,) logit mask: -inf at `ids` (tokens that must never be sampled), else 0."""
+    ids = [i for i in ids if 0 <= i < vocab_size]
+    if not ids:
+        return None
+    mask = mx.zeros((vocab_size,), mx.float32)
+    mask[mx.array(ids)] = -float("inf")
+    mx.eval(mask)  # materialized here: a lazy array cannot be evaluated on another thread's stream
+    return mask
 
 
 def filter_logits(logits: mx.array, p: SamplingParams) -> mx.array:

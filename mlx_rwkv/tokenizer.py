@@ -288,6 +288,11 @@ class WorldTokenizer(_Tokenizer):
         for idx, token in vocab.items():
             self._bytes[idx] = token
 
+    @property
+    def textless_ids(self) -> list[int]:
+        """Ids of the embedding that have no text (65530-65535): generation never samples them."""
+        return [i for i, b in enumerate(self._bytes) if b is None]
+
     def encode_bytes(self, data: bytes) -> list[int]:
         """Token ids of raw bytes (any bytes, not only UTF-8)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -225,3 +225,23 @@ def test_generate_on_the_webgpu_engine(capsys, model_file):
     assert code == code_w == 0 and "(webgpu, float32)" in err
     assert webgpu_out == mlx_out  # greedy: the same bytes from both engines
     mx.clear_cache()
+
+
+def test_ids_without_text_are_never_sampled():
+    """World ids 65530-65535 have no text: a model that favours them must not crash generation."""
+    from mlx_rwkv.config import config_for_shape
+    from mlx_rwkv.loading import build_model
+    from mlx_rwkv.synth import synthesize
+    from mlx_rwkv.tokenizer import WorldTokenizer
+
+    config = config_for_shape("0.1B", n_layer=1, n_embd=64)
+    weights = synthesize(config, seed=0, dtype="float32")
+    weights["ln_out.weight"][:], weights["ln_out.bias"][:] = 0, 1  # the head sees a vector of ones
+    weights["head.weight"][65530:] = 1  # logit 64 for the ids without text, the largest by far
+    model, tokenizer = build_model(weights, config, "float32"), WorldTokenizer()
+    assert tokenizer.textless_ids == list(range(65530, 65536))
+    logits, _ = model.forward(tokenizer.encode("hi"))
+    assert int(mx.argmax(logits)) >= 65530  # so greedy decoding would pick one
+    chunks = list(mlx_rwkv.stream_generate(model, tokenizer, "hi", max_tokens=8,
+                                           sampling=mlx_rwkv.SamplingParams(temperature=0)))
+    assert all(c.token < 65530 for c in chunks) and chunks[-1].finish_reason in ("length", "stop")

@@ -42,6 +42,7 @@ from ..kernels import gpu_backend
 from ..model import RWKV7
 from ..state import State
 from .cache import PrefixCache
+from ..sampling import ban_mask
 from .row_sampler import BatchParams, RowParams, sample_rows
 
 
@@ -104,6 +105,7 @@ class Engine:
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1")
         self.model, self.tokenizer = model, tokenizer
+        self._ban = ban_mask(getattr(tokenizer, "textless_ids", ()), model.config.vocab_size)  # ids without text
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.cache = cache if cache is not None else PrefixCache(0)
         self.initial_state = initial_state or model.new_state(1)
@@ -222,14 +224,16 @@ class Engine:
     def _first_token(self, seq: _Seq) -> None:
         p = seq.req.params
         counts = mx.zeros((1, self.model.config.vocab_size), mx.float32) if p.penalized else None
-        token, seq.counts = sample_rows(seq.logits[None], BatchParams([p]), mx.array([0], mx.uint32), counts)
+        token, seq.counts = sample_rows(seq.logits[None], BatchParams([p]), mx.array([0], mx.uint32), counts,
+                                        self._ban)
         seq.token = token
+        self._active.append(seq)  # before the first chunk reaches the client: it may look at stats()
+        self._dirty = True
         reason = self._accept(seq, token.item())
-        if reason is None:
-            self._active.append(seq)
-            self._dirty = True
-        elif reason != "failed":
-            self._finish(seq, reason)
+        if reason is not None:
+            self._leave([seq])
+            if reason != "failed":
+                self._finish(seq, reason)
 
     def _decode_step(self) -> None:
         try:
@@ -239,7 +243,7 @@ class Engine:
             pad = len(self._batch_rows) - len(rows)
             positions = mx.array([len(s.generated) for s in rows] + [0] * pad, mx.uint32)
             logits, state = self.model.step(self._tokens, self._state)
-            tokens, counts = sample_rows(logits, self._params, positions, self._counts)
+            tokens, counts = sample_rows(logits, self._params, positions, self._counts, self._ban)
             mx.eval(tokens, state.arrays(), *([counts] if counts is not None else []))
             host = tokens.tolist()  # the one host sync of the step
         except Exception as e:  # noqa: BLE001 - the rows of this step fail, the server goes on

@@ -87,16 +87,19 @@ class BatchParams:
 
 
 def sample_rows(logits: mx.array, p: BatchParams, positions: mx.array,
-                counts: mx.array | None) -> tuple[mx.array, mx.array | None]:
+                counts: mx.array | None, ban: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
     """(B, V) logits -> ((B,) int32 tokens, updated (B, V) penalty counts or None).
 
     positions: (B,) uint32, how many tokens each row has sampled before (the noise counter).
     counts: the rows' decayed occurrence counts, needed when any row uses penalties.
+    ban: an additive (V,) mask (`sampling.ban_mask`) of tokens never to sample (ids without text).
     A row whose logits are not all finite gets token -1.
     """
     logits = logits.astype(mx.float32)
     B, V = logits.shape
     finite = mx.all(mx.isfinite(logits), axis=-1)
+    if ban is not None:
+        logits = logits + ban
     if counts is not None:
         logits = logits - mx.where(counts > 0, p.presence[:, None] + counts * p.frequency[:, None], 0.0)
     tokens = mx.argmax(logits, axis=-1)
