@@ -191,6 +191,8 @@ def test_token_id_prompts_equal_text_prompts(live, tokenizer):
     ({"model": MODEL_ID, "prompt": "x", "top_k": -1}, 400, "top_k"),
     ({"model": MODEL_ID, "prompt": "x", "min_p": 1}, 400, "min_p"),
     ({"model": MODEL_ID, "prompt": "x", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"model": MODEL_ID, "prompt": "x", "temperature": float("nan")}, 400, "temperature"),  # json: NaN
+    ({"model": MODEL_ID, "prompt": "x", "presence_penalty": float("nan")}, 400, "presence_penalty"),
     ({"model": MODEL_ID, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": MODEL_ID, "prompt": "x", "stop": [""]}, 400, "stop"),
     ({"model": MODEL_ID, "prompt": "x", "n": 2}, 400, "n"),
@@ -587,3 +589,19 @@ def test_serve_argument_defaults():
     args = p.parse_args([])
     assert (args.host, args.port, args.max_batch, args.cache_mb, args.model) == ("127.0.0.1", 8000, 32, 2048.0, None)
     assert all(a.help for a in p._actions)
+
+
+def test_a_taken_port_or_unknown_host_is_one_line_before_loading():
+    import socket
+
+    from mlx_rwkv.serve.command import check_listen
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_listen("127.0.0.1", port)
+    with pytest.raises(ValueError, match="--host 999.1.1.1"):
+        check_listen("999.1.1.1", 8000)
+    check_listen("127.0.0.1", 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -60,6 +61,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(stop_token=None)  # load_model checks --stop-token, which serve does not have
 
 
+def check_listen(host: str, port: int) -> None:
+    """ValueError (one line) unless a server could listen on host:port now."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def run_serve(args: argparse.Namespace) -> None:
     """Load the model, then serve until Ctrl-C (uvicorn stops gracefully, the engine fails what is left)."""
     try:
@@ -72,6 +87,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from .cache import PrefixCache
     from .engine import Engine
 
+    check_listen(args.host, args.port)  # before the model loads: a taken port is one line, at once
     model, tokenizer = load_model(args)
     initial = load_state_file(args.state, model) if args.state else None
     model_id = args.model_id or (Path(args.model).stem if args.model else SYNTHETIC_ID)

@@ -9,6 +9,7 @@ strings); extensions: top_k >= 0, min_p [0, 1), penalty_decay (0, 1].
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -134,6 +135,8 @@ def _number(body: dict, name: str, default: float, low: float, high: float,
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(400, f"{name} must be a number, got {json.dumps(value)[:60]}", name, "invalid_type")
+    if not math.isfinite(value):  # Python's json reads NaN and Infinity
+        raise APIError(400, f"{name} must be a finite number, got {value}", name)
     if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
         span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise APIError(400, f"{name} must be in {span}, got {value}", name)
