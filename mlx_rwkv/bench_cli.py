@@ -55,7 +55,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, metavar="ENGINE",
                    help="mlx, webgpu (where a wgpu adapter exists) and hybrid (WebGPU + the MLX Q4_K mat-vec)")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES, metavar="STRATEGY",
-                   help=f"where the host waits (DESIGN.md): {', '.join(STRATEGIES)}")
+                   help=f"where the host waits (README, \"The sync experiment\"): {', '.join(STRATEGIES)}")
     p.add_argument("--layers", type=check.int_at_least(1), help="override the layer count (quick runs)")
     p.add_argument("--embd", type=check.multiple_of(64), help="override the width C (Q4_K needs a multiple of 256)")
     p.add_argument("--vocab", type=check.int_at_least(1), help="override the vocabulary size (65536)")

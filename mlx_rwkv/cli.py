@@ -7,6 +7,7 @@ follows `output_files.check_output` (no replacing without --force, never the loa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from . import cli_args as check
 from .bench_cli import add_bench_arguments, run_bench
-from .config import SHAPES
+from .config import SHAPES, config_for_shape
 from .serve import add_serve_arguments, run_serve
 
 RANDOM_WEIGHTS_NOTE = ("note: no --model given: running the built-in synthetic 0.1B model. Its weights are "
@@ -28,7 +29,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+        default = action.default
+        shown = default is not None and default is not False and default != [] and default is not argparse.SUPPRESS
+        if shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -46,7 +49,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(none: the built-in synthetic 0.1B model with random weights)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weight dtype; auto = float16 on a GPU, float32 on CPU (MLX's CPU float16 is slow)")
-    p.add_argument("--quant", choices=["q4k"], help="quantize the linear layers to Q4_K at load")
+    p.add_argument("--quant", choices=["q4k"], help="quantize the linear layers to Q4_K at load (default: keep the file's storage)")
 
 
 def add_state_arg(p: argparse.ArgumentParser) -> None:
@@ -74,7 +77,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "stops at a blank line")
     p.add_argument("--stop-token", type=check.int_at_least(0), action="append",
                    help="stop token id (repeatable; default: the tokenizer's end of text, if it has one)")
-    p.add_argument("--seed", type=check.seed, help="random seed in [0, 2**64) for reproducible sampling")
+    p.add_argument("--seed", type=check.seed, help="random seed in [0, 2**64) for reproducible sampling (default: a new random seed each run)")
     p.add_argument("--chunk-size", type=check.int_at_least(1), default=1024,
                    help="prefill chunk length in tokens (bounds memory)")
     p.add_argument("--on-nonfinite", choices=["raise", "stop"], default="raise",
@@ -173,9 +176,33 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from .synth import write_synthetic
 
     check_output(args.output, args.force)
+    config = config_for_shape(args.shape, n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
+    need = synthetic_bytes(config, args.dtype)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise ValueError(f"that model needs {need / 2**30:,.1f} GiB in memory to write, more than this machine's "
+                         f"{memory / 2**30:,.1f} GiB")
+    if config.vocab_size not in (256, 65536):
+        print(f"note: no tokenizer has {config.vocab_size} tokens (World: 65536, bytes: 256), so generate and chat "
+              "cannot run this model; the Python API takes token ids", file=sys.stderr)
     config = write_synthetic(args.output, shape=args.shape, seed=args.seed, dtype=args.dtype, n_layer=args.layers,
                              n_embd=args.embd, vocab_size=args.vocab, replace=args.force, progress=True)
     print(f"wrote {args.output}: random weights, {config}", file=sys.stderr)
+
+
+def synthetic_bytes(config, dtype: str) -> int:
+    """Bytes of the tensors `synth` would hold for `config` (every layer but the first is the same size)."""
+    import dataclasses
+
+    import numpy as np
+
+    def params(n_layer: int) -> int:
+        shapes = dataclasses.replace(config, n_layer=n_layer).expected_shapes().values()
+        return sum(int(np.prod(shape)) for shape in shapes)
+
+    one = params(1)
+    per_layer = params(2) - one if config.n_layer > 1 else 0
+    return (one + (config.n_layer - 1) * per_layer) * np.dtype(np.float32 if dtype == "float32" else np.float16).itemsize
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

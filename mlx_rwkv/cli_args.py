@@ -60,7 +60,14 @@ def number_in(low: float, high: float, low_open: bool = False, high_open: bool =
 
 
 def finite_number(text: str) -> float:
-    return number_in(-math.inf, math.inf)(text)
+    """Any finite float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,8 @@ class State:
     @classmethod
     def load(cls, path: str | os.PathLike, model: "RWKV7") -> "State":
         """Read a state saved by `save`; refuses states of another model."""
+        if not Path(path).is_file():
+            raise StateError(f"no such state file: {path}")
         try:
             tensors, meta = mx.load(str(path), format="safetensors", return_metadata=True)
         except Exception as e:  # noqa: BLE001 - MLX raises several types for bad files

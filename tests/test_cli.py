@@ -245,3 +245,19 @@ def test_ids_without_text_are_never_sampled():
     chunks = list(mlx_rwkv.stream_generate(model, tokenizer, "hi", max_tokens=8,
                                            sampling=mlx_rwkv.SamplingParams(temperature=0)))
     assert all(c.token < 65530 for c in chunks) and chunks[-1].finish_reason in ("length", "stop")
+
+
+def test_synth_refuses_a_model_larger_than_memory_and_notes_a_vocab_without_tokenizer(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "synth", "--layers", "100000", "-o", str(tmp_path / "big.pth"))
+    assert code == 1 and "GiB in memory to write, more than this machine's" in err
+    assert not (tmp_path / "big.pth").exists()
+    code, _, err = run_cli(capsys, "synth", "--layers", "1", "--embd", "64", "--vocab", "100", "-o", str(tmp_path / "v.pth"))
+    assert code == 0 and "no tokenizer has 100 tokens" in err
+
+
+def test_loading_a_missing_state_says_so(model_file, tmp_path):
+    from mlx_rwkv.state import StateError
+
+    model, _ = load(model_file, dtype="float32")
+    with pytest.raises(StateError, match="no such state file"):
+        State.load(tmp_path / "missing.state", model)
