@@ -24,9 +24,10 @@ def storage(value: np.ndarray | Q4KTensor) -> str:
 def describe(path: str | os.PathLike) -> dict:
     """Format, sizes, parameter count and storage of the checkpoint at `path`."""
     weights, config, description = read_weights(path)
-    params = sum(int(np.prod(v.shape)) for v in weights.values())
+    used = [weights[key] for key in config.expected_shapes()]  # not layer 0's unused v0/v1/v2 (GGUF drops them)
+    params = sum(int(np.prod(v.shape)) for v in used)
     by_storage: Counter[str] = Counter()
-    for value in weights.values():
+    for value in used:
         by_storage[storage(value)] += int(np.prod(value.shape))
     return {
         "path": str(path),
@@ -53,7 +54,7 @@ def format_info(info: dict) -> str:
         ("format", info["format"]),
         ("model", f"RWKV-7 x070{' ' + info['shape'] + ' shape' if info['shape'] else ''}"),
         ("layers", info["layers"]),
-        ("width", f"{info['width']} ({info['heads']} heads of {info['head_size']})"),
+        ("width", f"{info['width']} ({info['heads']} head{'s' if info['heads'] > 1 else ''} of {info['head_size']})"),
         ("vocab", info["vocab"]),
         ("ffn", info["ffn"]),
         ("LoRA ranks", ranks),
