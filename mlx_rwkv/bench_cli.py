@@ -73,7 +73,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run the official rwkv package (torch; CUDA fp16 where there is one) on f16/f32 weights")
     p.add_argument("--write", action="store_true", help="merge the records into <results-dir>/<device>-<date>.json")
     p.add_argument("--plot", action="store_true", help="draw the PNG plots into <results-dir> (needs matplotlib)")
-    p.add_argument("--results-dir", type=Path, default=Path("bench/results"), help="where --write and --plot write")
+    p.add_argument("--results-dir", type=check.directory_path, default=Path("bench/results"),
+                   help="where --write and --plot write (a directory)")
     p.add_argument("--force", action="store_true",
                    help="replace existing plots, and a file in the results' place that is not a results file")
 

@@ -108,3 +108,11 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
                 f"{text}: the name must end in {' or '.join(suffixes)} (the suffix decides the format)")
         return path
     return parse
+
+
+def directory_path(text: str) -> Path:
+    """A directory to write into: existing, or to be created (not an existing file)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory")
+    return path

@@ -63,6 +63,7 @@ def model_file(tmp_path: Path, capsys) -> Path:
     (["synth", "-o", "x.bin"], "must end in .pth or .safetensors"),
     (["quantize", __file__, "out.bin"], "must end in .gguf or .safetensors"),
     (["doctor", "--report", "r.txt"], "must end in .json"),
+    (["bench", "--results-dir", __file__], "is a file, not a directory"),
 ])
 def test_bad_options_fail_at_parse_time_in_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
