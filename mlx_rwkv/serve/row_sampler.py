@@ -33,7 +33,7 @@ _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive ids over the 32
 
 @dataclass(frozen=True)
 class RowParams:
-    """One request's sampling parameters; validated by the API layer (see `check`)."""
+    """One request's sampling parameters, in the ranges the API layer (`protocol`) checks."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -43,22 +43,6 @@ class RowParams:
     frequency_penalty: float = 0.0
     penalty_decay: float = 0.996
     seed: int = 0
-
-    def check(self) -> None:
-        """Raise ValueError naming the first parameter out of range."""
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError("top_p must be in [0, 1]")
-        if not 0 <= self.min_p < 1:
-            raise ValueError("min_p must be in [0, 1)")
-        if not 0 < self.penalty_decay <= 1:
-            raise ValueError("penalty_decay must be in (0, 1]")
 
     @property
     def filters(self) -> bool:
