@@ -64,6 +64,18 @@ def model_file(tmp_path: Path, capsys) -> Path:
     (["quantize", __file__, "out.bin"], "must end in .gguf or .safetensors"),
     (["doctor", "--report", "r.txt"], "must end in .json"),
     (["bench", "--results-dir", __file__], "is a file, not a directory"),
+    (["bench", "--contexts", "-1"], "--contexts: must be >= 0"),
+    (["bench", "--prefill-tokens", "0"], "--prefill-tokens: must be >= 1"),
+    (["bench", "--embd", "100"], "--embd: must be a multiple of 64"),
+    (["bench", "--strategies", "fast"], "--strategies: invalid choice"),
+    (["bench", "--repeats", "x"], "--repeats: 'x' is not an integer"),
+    (["serve", "--port", "70000"], "must be <= 65535"),
+    (["serve", "--port", "x"], "is not an integer"),
+    (["serve", "--max-batch", "0"], "must be >= 1"),
+    (["serve", "--cache-mb", "-1"], "must be a finite number"),
+    (["serve", "--max-prompt-tokens", "0"], "must be >= 1"),
+    (["serve", "--state", "/no/such/file"], "no such file"),
+    (["serve", "--api-key", ""], "non-empty"),
 ])
 def test_bad_options_fail_at_parse_time_in_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
