@@ -14,11 +14,11 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from .checkpoint.files import atomic_output
 from .output_files import OutputError
 
 KEY_FIELDS = ("engine", "shape", "precision", "mode", "strategy", "batch", "tokens", "context")
@@ -132,10 +132,8 @@ def write_results(records: list[dict[str, Any]], command: str | None = None, *,
     fresh = {key(r): r for r in records}  # within the batch too, the later record of a key wins
     doc["records"] = [r for r in doc["records"] if key(r) not in fresh] + list(fresh.values())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        f.write(json.dumps(doc, indent=1).encode())
     return path
 
 
