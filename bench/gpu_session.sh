@@ -103,6 +103,10 @@ for step in "$@"; do
     # python -m mlx_rwkv.bench_plots bench/results/<device>-<date>.json
     bench-plots) run bench_plots 60 python3 -m mlx_rwkv.bench_plots bench/results --force
                cp bench/results/*.png "$out/" 2>/dev/null ;;
+    # issue 16: the server at 1/8/32/64 streams and a cached chat follow-up vs uncached (plot if matplotlib)
+    bench-serve) run bench_serve 300 python3 -m bench.bench_serve --shape 1.5B --precisions f16 q4k --write --force \
+               $(python3 -c 'import matplotlib' 2>/dev/null && echo --plot)
+               cp bench/results/*-serve.png "$out/" 2>/dev/null ;;
     *) echo "unknown step $step" >&2 ;;
   esac
 done

@@ -13,6 +13,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .. import cli_args as check
 
@@ -75,8 +76,11 @@ def check_listen(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
-def run_serve(args: argparse.Namespace) -> None:
-    """Load the model, then serve until Ctrl-C (uvicorn stops gracefully, the engine fails what is left)."""
+def run_serve(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple] | None = None) -> None:
+    """Load the model, then serve until Ctrl-C (uvicorn stops gracefully, the engine fails what is left).
+
+    load: `(args) -> (model, tokenizer)` in place of --model/--dtype/--quant (bench.bench_serve
+    serves synthetic weights of a real shape this way)."""
     try:
         import uvicorn
     except ImportError:
@@ -88,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> None:
     from .engine import Engine
 
     check_listen(args.host, args.port)  # before the model loads: a taken port is one line, at once
-    model, tokenizer = load_model(args)
+    model, tokenizer = (load or load_model)(args)
     initial = load_state_file(args.state, model) if args.state else None
     model_id = args.model_id or (Path(args.model).stem if args.model else SYNTHETIC_ID)
     engine = Engine(model, tokenizer, max_batch=args.max_batch, cache=PrefixCache(int(args.cache_mb * 2**20)),

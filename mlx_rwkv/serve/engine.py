@@ -253,22 +253,24 @@ class Engine:
             return
         self.steps += 1
         self._state, self._tokens, self._counts = state, tokens, counts
-        leaving = []
+        leaving, finished = [], []
         for i, seq in enumerate(rows):
             try:
                 reason = self._accept(seq, host[i])
             except Exception as e:  # noqa: BLE001
                 _send(seq, Failed(f"generation failed: {type(e).__name__}: {e}"))
                 reason = "failed"
-            if reason is None:
-                continue
-            leaving.append(seq)
-            if reason != "failed":
+            if reason is not None:
+                leaving.append(seq)
+            if reason not in (None, "failed"):
                 # the state after prompt + every token but the last (not fed yet), and its logits
                 row = mx.array([i])
                 final = State(*([mx.take(a, row, axis=0) for a in part] for part in (state.att_x, state.wkv, state.ffn_x)))
-                mx.eval(final.arrays())
-                self.cache.insert(seq.req.prompt + tuple(seq.generated[:-1]), final, logits[i])
+                finished.append((seq, reason, final, logits[i]))
+        if finished:
+            mx.eval([(final.arrays(), row_logits) for _, _, final, row_logits in finished])  # one wait for all
+            for seq, reason, final, row_logits in finished:
+                self.cache.insert(seq.req.prompt + tuple(seq.generated[:-1]), final, row_logits)
                 self._finish(seq, reason)
         if leaving:
             self._leave(leaving)

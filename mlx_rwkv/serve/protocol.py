@@ -4,7 +4,8 @@ Every check raises `APIError` with OpenAI's error shape and status: 400 for a bo
 JSON, a missing or wrong-typed field, a value out of range, an unsupported feature or a prompt
 over the limit (code `context_length_exceeded`); 404 for an unknown model (`model_not_found`).
 Ranges are OpenAI's (temperature [0, 2], top_p [0, 1], penalties [-2, 2], at most 4 stop
-strings); extensions: top_k >= 0, min_p [0, 1), penalty_decay (0, 1].
+strings); extensions: top_k >= 0, min_p [0, 1), penalty_decay (0, 1], ignore_eos (vLLM's: do
+not stop at the end-of-text token, as benchmarks that need a fixed length ask).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def parse(kind: str, body: dict, tokenizer, model_id: str, vocab_size: int, max_
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {}) or {}
     include_usage = bool(options.get("include_usage", False))
-    eos = getattr(tokenizer, "eos_id", None)
+    eos = None if _field(body, "ignore_eos", bool, False) else getattr(tokenizer, "eos_id", None)
     request = Request(tuple(prompt), params, max_tokens, tuple(dict.fromkeys([*user_stops, *stops])),
                       frozenset() if eos is None else frozenset([eos]), tuple(cuts))
     return Parsed(kind, request, stream, include_usage)
