@@ -24,43 +24,61 @@ from unittest import mock
 import mlx.core as mx
 
 from mlx_rwkv import matvec, wkv
-from mlx_rwkv.kernels import render
+from mlx_rwkv.kernels import KernelSpec, render
 
 CUDA_TYPES = {"half": (mx.float16, "__half"), "bfloat16": (mx.bfloat16, "__nv_bfloat16"),
               "float": (mx.float32, "float")}
+CUDA_NAMES = {mx_dtype: name for mx_dtype, name in CUDA_TYPES.values()}
 
 
-def matvec_source(dtype: str, nt: int, nr: int, qu: int, has_q4k: int) -> str:
-    """One instantiation of metal_kernels/matvec.inc (one segment, dense weights and activations
-    in `dtype`) as a CUDA translation unit, with the template arguments ProjectionGroup passes."""
-    header, body = render(matvec.MATVEC, "cuda")
-    mx_dtype, cuda_type = CUDA_TYPES[dtype]
-    with mock.patch.multiple(matvec, ROWS_PER_SIMDGROUP=nr, ROWS_PER_SIMDGROUP_MULTI=nr, Q4K_BLOCKS_IN_FLIGHT=qu):
-        template = matvec.kernel_template(mx_dtype, mx_dtype, nt, 1, bool(has_q4k))
-    names = ", ".join(("typename " if value is mx_dtype else "int ") + name for name, value in template)
-    values = ", ".join(cuda_type if value is mx_dtype else str(value) for _, value in template)
-    params = "const int* seg, const uint* wd, const uint* wq, const TX* x, TX* y"
+def translation_unit(spec: KernelSpec, template: list[tuple[str, object]], types: dict[str, str]) -> str:
+    """`spec`'s body as one CUDA translation unit, instantiated the way `mx.fast.cuda_kernel`
+    builds it. template: (name, value) with mx dtypes for type parameters; types: the C type of
+    every argument (a template type name, or a concrete type)."""
+    header, body = render(spec, "cuda")
+    concrete = {name: CUDA_NAMES[value] for name, value in template if isinstance(value, mx.Dtype)}
+    names = ", ".join(("typename " if name in concrete else "int ") + name for name, _ in template)
+    values = ", ".join(concrete.get(name, str(value)) for name, value in template)
+    params = [f"const {types[n]}* {n}" for n in spec.inputs] + [f"{types[n]}* {n}" for n in spec.outputs]
+    instance = ", ".join(re.sub(r"\b(\w+)\*", lambda m: concrete.get(m.group(1), m.group(1)) + "*", p)
+                         for p in params)
     return (f"#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n{header}\n"
-            f"template <{names}>\n__global__ void matvec({params}) {{\n{body}\n}}\n"
-            f"template __global__ void matvec<{values}>({params.replace('TX', cuda_type)});\n")
+            f"template <{names}>\n__global__ void {spec.name}({', '.join(params)}) {{\n{body}\n}}\n"
+            f"template __global__ void {spec.name}<{values}>({instance});\n")
+
+
+def matvec_source(dtype: str, nt: int, nr: int, qu: int, has_q4k: int, norm: bool = False) -> str:
+    """One instantiation of the grouped mat-vec (one segment, dense weights and activations in
+    `dtype`; `norm`: MATVEC_NORM at width 2048) with the template arguments ProjectionGroup passes."""
+    mx_dtype, _ = CUDA_TYPES[dtype]
+    with mock.patch.multiple(matvec, ROWS_PER_SIMDGROUP=nr, ROWS_PER_SIMDGROUP_MULTI=nr, Q4K_BLOCKS_IN_FLIGHT=qu):
+        template = matvec.kernel_template(mx_dtype, mx_dtype, nt, 1, bool(has_q4k), matvec.WARPS if norm else 1)
+    spec = matvec.MATVEC_NORM if norm else matvec.MATVEC
+    types = {"seg": "int", "wd": "uint", "wq": "uint", "dims": "int"}
+    return translation_unit(spec, template + ([("CX", 2048), ("HAS_DX", 1)] if norm else []),
+                            {n: types.get(n, "TX") for n in spec.inputs + spec.outputs})
+
+
+def wkv7_source(dtype: str, heads: int, first: int, lora: bool = False) -> str:
+    """The fused WKV-7 decode kernel for heads x 64 (`lora`: with the LoRA up-projections)."""
+    mx_dtype, _ = CUDA_TYPES[dtype]
+    spec = wkv.WKV7_LORA if lora else wkv.WKV7_FUSED
+    template = [("T", mx_dtype), ("H", heads), ("N", 64), ("FIRST", first), ("LPR", wkv.FUSED_LANES_PER_ROW)]
+    template += [("XFMT", matvec.weight_format(mx_dtype)), ("WFMT", matvec.weight_format(mx_dtype))] if lora else []
+    types = {n: "float" for n in wkv.PARAM_NAMES + ("state_in", "state_out")}
+    types |= {"seq_len": "int", "up_seg": "int", "up_w": "uint"}
+    return translation_unit(spec, template, {n: types.get(n, "T") for n in spec.inputs + spec.outputs})
 
 
 def scan_source(dtype: str, heads: int, first: int) -> str:
     """The WKV-7 scan kernel for heads x 64 as a CUDA translation unit, with the template
     arguments wkv7() passes."""
-    spec = wkv.WKV7_SCAN
+    mx_dtype, _ = CUDA_TYPES[dtype]
     layout, _, _ = wkv.scan_launch(1, heads, 64)
-    _, cuda_type = CUDA_TYPES[dtype]
-    header, body = render(spec, "cuda")
-    template = [("H", heads), ("N", 64), ("FIRST", first), *layout]
-    names = "typename T, " + ", ".join(f"int {name}" for name, _ in template)
-    values = cuda_type + ", " + ", ".join(str(value) for _, value in template)
-    types = {name: "T" for name in spec.inputs[:7]} | {"state_in": "float", "seq_len": "int"}
-    params = ", ".join([f"const {types.get(n, 'float')}* {n}" for n in spec.inputs] +
-                       [f"float* {n}" for n in spec.outputs])
-    return (f"#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n{header}\n"
-            f"template <{names}>\n__global__ void scan({params}) {{\n{body}\n}}\n"
-            f"template __global__ void scan<{values}>({params.replace('const T*', f'const {cuda_type}*')});\n")
+    template = [("T", mx_dtype), ("H", heads), ("N", 64), ("FIRST", first), *layout]
+    types = {n: "T" for n in wkv.WKV7_SCAN.inputs[:7]} | {"state_in": "float", "seq_len": "int"}
+    return translation_unit(wkv.WKV7_SCAN, template,
+                            {n: types.get(n, "float") for n in wkv.WKV7_SCAN.inputs + wkv.WKV7_SCAN.outputs})
 
 
 def resources(source: str, nvcc: str) -> dict[str, int]:

@@ -32,22 +32,40 @@ _INDEX_LINES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """A kernel: its source file (metal_kernels/<name>.inc) and its argument names."""
+    """A kernel: its argument names and its body, the files `sources` of metal_kernels/ in order
+    (default: <name>.inc alone). Variants of a kernel share files this way: a small file in front
+    defines the macros through which the shared body reads its inputs."""
 
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    sources: tuple[str, ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.sources or (f"{self.name}.inc",)
 
 
 def read_source(filename: str) -> str:
     return resources.files("metal_kernels").joinpath(filename).read_text()
 
 
+def body_parts(spec: KernelSpec, backend: Backend) -> list[tuple[str, str]]:
+    """The body as (file name, text) pairs, the backend's index lines first ("" names them)."""
+    return [("", _INDEX_LINES[backend])] + [(f, read_source(f)) for f in spec.files]
+
+
 def render(spec: KernelSpec, backend: Backend) -> tuple[str, str]:
     """The (header, body) pair handed to MLX for `backend`."""
     header = read_source(f"prelude_{backend}.h")
-    body = _INDEX_LINES[backend] + read_source(f"{spec.name}.inc")
-    return header, body
+    return header, "".join(text for _, text in body_parts(spec, backend))
+
+
+def int_params(*values: int) -> mx.array:
+    """Small int32 kernel parameters, zero-padded to 16 elements. MLX-CUDA allocates arrays of
+    at most 8 bytes from managed memory, and a kernel reading one paid 10-14 us more per
+    dependent launch on the H100 (DESIGN.md, "MLX-CUDA's 8-byte trap")."""
+    return mx.array(list(values) + [0] * (16 - len(values)), dtype=mx.int32)
 
 
 def gpu_backend() -> Backend | None:

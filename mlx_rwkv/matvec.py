@@ -27,16 +27,25 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from .kernels import KernelSpec, get_kernel, gpu_backend
+from .kernels import KernelSpec, get_kernel, gpu_backend, int_params
+from .norm_mix import norm_mix
 from .quant import BLOCK_WORDS, QK_K, Q4KTensor
 
 if TYPE_CHECKING:
     from .q4k_linear import Q4KLinear
 
-MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x"), outputs=("y",))
+MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x", "dims"), outputs=("y",),
+                    sources=("load8.inc", "matvec_head.inc", "matvec_x.inc", "matvec.inc"))
+# the same with norm_mix's work (residual add, LayerNorm, token-shift mix) in a prologue
+MATVEC_NORM = KernelSpec(name="matvec_norm",
+                         inputs=("seg", "wd", "wq", "x_in", "dx", "x_prev", "ln_w", "ln_b", "mix", "dims"),
+                         outputs=("y", "x_out", "h_out"),
+                         sources=("load8.inc", "matvec_head.inc", "matvec_norm.inc", "matvec.inc"))
 ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 Q4K_KIND = 4
-MAX_ROWS = 8  # activation rows per launch (NT template: one build per count)
+TILE_ROWS = 8  # activation rows a SIMD-group computes at once (NT template: one build per count)
+MAX_ROWS = 64  # activation rows per launch (batched decode); more (prefill) run as matmuls
+NORM_TILE_BYTES = 16384  # MATVEC_NORM's prologue output in threadgroup memory (Metal: 32 KiB in all)
 # output rows per SIMD-group for one activation row / several: the activations a SIMD-group
 # loads serve all its rows, and with several tokens each weight (Q4_K: dequantized once) serves
 # every token, so more rows pay off there. H100 sweep: python -m bench.bench_q4k
@@ -171,12 +180,10 @@ class ProjectionGroup:
         if self.host_weights is not None:
             return mx.array(self.host(np.asarray(x), nt))
         if self.kernel is not None and nt <= MAX_ROWS:
-            template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k)
-            nr = dict(template)["NR"]
-            threadgroups = -(-sum(-(-rows // nr) for rows, _ in self.shapes) // WARPS)
+            template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k, 1)
             (y,) = self.kernel(
-                inputs=[self.table, self.wd, self.wq, x], template=template,
-                grid=(threadgroups * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
+                inputs=[self.table, self.wd, self.wq, x, int_params(nt)], template=template,
+                grid=(self._threadgroups(template) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
                 output_shapes=[(nt * self.rows,)], output_dtypes=[x.dtype])
             return y
         flat = x.reshape(-1)
@@ -185,6 +192,34 @@ class ProjectionGroup:
             xi = flat[nt * base: nt * (base + k)].reshape(nt, k)
             outs.append(_activate(linear(xi), act).reshape(-1))
         return mx.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def after_norm(self, x: mx.array, dx: mx.array | None, ln: tuple[mx.array, mx.array], x_prev: mx.array,
+                   mix: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """`norm_mix(x, dx, ln, x_prev, mix)`, then this group on its output: (x, h, y), segment s
+        reading mix row x_base_s / C. In decode (one token per row) on a GPU this is one launch
+        (MATVEC_NORM: each threadgroup recomputes the norm of its rows), else two."""
+        B, T, C = x.shape
+        nt = B * T
+        norm_kernel = get_kernel(MATVEC_NORM) if self.kernel is not None else None
+        if norm_kernel is None or T != 1 or nt * C * x.dtype.size > NORM_TILE_BYTES \
+                or any(base % C for base in self.x_bases):
+            x, h, xs = norm_mix(x, dx, ln, x_prev, mix)
+            return x, h, self(xs, nt)
+        template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k, WARPS)
+        y, x_out, h = norm_kernel(
+            inputs=[self.table, self.wd, self.wq, x, x if dx is None else dx, x_prev, ln[0], ln[1], mix,
+                    int_params(nt)],
+            template=template + [("CX", C), ("HAS_DX", int(dx is not None))],
+            grid=(self._threadgroups(template) * WARPS * 32, 1, 1), threadgroup=(WARPS * 32, 1, 1),
+            output_shapes=[(nt * self.rows,), x.shape, x.shape], output_dtypes=[x.dtype] * 3)
+        return x_out, h, y
+
+    def _threadgroups(self, template: list[tuple[str, mx.Dtype | int]]) -> int:
+        """Threadgroups of a launch: each segment's SIMD-groups of NR rows, rounded up to TG_ALIGN."""
+        args = dict(template)
+        nr, align = args["NR"], args["TG_ALIGN"]
+        groups = sum(_ceil_div(_ceil_div(rows, nr), align) * align for rows, _ in self.shapes)
+        return _ceil_div(groups, WARPS)
 
     def host(self, x: np.ndarray, nt: int) -> np.ndarray:
         """`group(x, nt)` in numpy (OpenBLAS) on float32 arrays, for the CPU path (on_host)."""
@@ -252,11 +287,23 @@ class ProjectionGroup:
 
 
 def kernel_template(x_dtype: mx.Dtype, w_dtype: mx.Dtype, nt: int, n_segments: int,
-                    has_q4k: bool) -> list[tuple[str, mx.Dtype | int]]:
-    """Template arguments of metal_kernels/matvec.inc (each distinct list is one build)."""
-    return [("TX", x_dtype), ("XFMT", _FMT[x_dtype]), ("WFMT", _FMT[w_dtype]), ("NT", nt),
-            ("NSEG", n_segments), ("NR", ROWS_PER_SIMDGROUP if nt == 1 else ROWS_PER_SIMDGROUP_MULTI),
-            ("QU", Q4K_BLOCKS_IN_FLIGHT), ("WARPS", WARPS), ("HAS_Q4K", int(has_q4k))]
+                    has_q4k: bool, tg_align: int) -> list[tuple[str, mx.Dtype | int]]:
+    """Template arguments of metal_kernels/matvec_head.inc for nt activation rows (each distinct
+    list is one build: NT is the tile, at most TILE_ROWS)."""
+    tile = min(nt, TILE_ROWS)
+    return [("TX", x_dtype), ("XFMT", _FMT[x_dtype]), ("WFMT", _FMT[w_dtype]), ("NT", tile),
+            ("NSEG", n_segments), ("NR", ROWS_PER_SIMDGROUP if tile == 1 else ROWS_PER_SIMDGROUP_MULTI),
+            ("QU", Q4K_BLOCKS_IN_FLIGHT), ("WARPS", WARPS), ("HAS_Q4K", int(has_q4k)), ("TG_ALIGN", tg_align),
+            ("TILED", int(nt > tile))]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def weight_format(dtype: mx.Dtype) -> int:
+    """The XFMT / WFMT template value of a dtype (0 fp16, 1 bf16, 2 fp32)."""
+    return _FMT[dtype]
 
 
 def _to_mx(w: np.ndarray, dtype: mx.Dtype) -> mx.array:

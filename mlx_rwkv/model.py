@@ -2,11 +2,12 @@
 
 Per layer:  x += TimeMix(ln1(x));  x += ChannelMix(ln2(x)).  One forward call builds one lazy
 graph; on a GPU the decode step (T = 1) runs under `mx.compile`. Kernel launches per layer in decode on a
-GPU (8): norm_mix (residual add + ln1 + the seven token-shift lerps); one grouped mat-vec for
-r, k, v and the four LoRA down-projections with their activations; one for the four LoRA
-up-projections; the fused WKV kernel (decay, value residual, recurrence, per-head norm, bonus,
-gate); the output projection; norm_mix (add + ln2 + lerp); the FFN key with its squared ReLU;
-the FFN value.
+GPU (5): one grouped mat-vec for r, k, v and the four LoRA down-projections with their
+activations, whose prologue does the residual add, ln1 and the seven token-shift lerps; the WKV
+kernel with the four LoRA up-projections inside (decay, value residual, recurrence, per-head
+norm, bonus, gate); the output projection; the FFN key with its squared ReLU, whose prologue does
+the add, ln2 and the lerp; the FFN value. Prefill runs norm_mix and the LoRA up-projections as
+launches of their own (and matmuls in place of mat-vecs).
 
 On the CPU in float32, `_run_host` runs the same ops in numpy: there are no custom kernels, MLX's
 Linux wheels do matmuls in the reference BLAS (numpy: OpenBLAS), and every MLX evaluation is a
@@ -23,9 +24,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .matvec import ProjectionGroup
-from .norm_mix import layer_norm_host, norm_mix, norm_mix_host
+from .norm_mix import layer_norm_host, norm_mix_host
 from .state import State
-from .wkv import wkv7, wkv7_host
+from .wkv import wkv7_host, wkv7_lora
 
 # Row order of the token-shift mix vectors: the inputs of r, k, v, then of the four LoRAs
 # (w, a, v, g); x_v appears twice because both paths read it.
@@ -119,12 +120,13 @@ class RWKV7:
         v_first = None
         nt = B * T  # activation rows of every projection
         for i, layer in enumerate(self.layers):
-            x, h, xs = norm_mix(x, dx, layer.ln1, state.att_x[i], layer.att_mix)  # xs (7, B*T, C)
-            dx, v_first, s = self._time_mix(layer, xs, state.wkv[i], v_first, (B, T))
+            # x += dx; h = ln1(x); r, k, v and the LoRA hiddens of the seven token-shift mixes of h
+            x, h, proj = layer.att_in.after_norm(x, dx, layer.ln1, state.att_x[i], layer.att_mix)
+            dx, v_first, s = self._time_mix(layer, proj, state.wkv[i], v_first, (B, T))
             att_x.append(h[:, -1, :])
             wkv.append(s)
-            x, h, xk = norm_mix(x, dx, layer.ln2, state.ffn_x[i], layer.ffn_mix)  # xk (1, B*T, C)
-            dx = layer.ffn_value(layer.ffn_key(xk, nt), nt).reshape(x.shape)  # relu(x K)^2 V
+            x, h, k = layer.ffn_key.after_norm(x, dx, layer.ln2, state.ffn_x[i], layer.ffn_mix)
+            dx = layer.ffn_value(k, nt).reshape(x.shape)  # relu(mix(ln2(x)) K)^2 V
             ffn_x.append(h[:, -1, :])
         x = x + dx
         if not all_logits:
@@ -162,14 +164,12 @@ class RWKV7:
         logits = np.concatenate([head(x[:, :-1]), head(x[:, -1:])], axis=1) if x.shape[1] > 1 else head(x)
         return mx.array(logits), State(*([mx.array(a) for a in part] for part in (att_x, wkv, ffn_x)))
 
-    def _time_mix(self, layer: Layer, xs: mx.array, s: mx.array, v_first: mx.array | None,
+    def _time_mix(self, layer: Layer, proj: mx.array, s: mx.array, v_first: mx.array | None,
                   bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:
-        nt, C = bt[0] * bt[1], xs.shape[-1]
-        proj = layer.att_in(xs, nt)  # r, k, v (nt, C) each, then the four LoRA hiddens
-        r, k, v = layer.att_in.split(proj, nt)[:3]
-        lw, la, lv, g = layer.lora_up.split(layer.lora_up(proj, nt), nt)  # reads the hiddens
-        r, k, v, g, lw, la, lv = (t.reshape(*bt, C) for t in (r, k, v, g, lw, la, lv))
-        y, s = wkv7(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, s)
+        """proj: r, k, v (nt, C) each, then the four LoRA hiddens (att_in's output)."""
+        nt, C = bt[0] * bt[1], self.config.n_embd
+        r, k, v = (t.reshape(*bt, C) for t in layer.att_in.split(proj, nt)[:3])
+        y, s = wkv7_lora(r, k, v, proj, layer.lora_up, v_first, layer.wkv_params, s)  # lora_up reads the hiddens
         return layer.att_out(y, nt).reshape(*bt, C), v if v_first is None else v_first, s
 
     # -- input checks -------------------------------------------------------------------

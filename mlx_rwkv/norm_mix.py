@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .kernels import KernelSpec, get_kernel
+from .kernels import KernelSpec, get_kernel, int_params
 
 NORM_MIX = KernelSpec(name="norm_mix", inputs=("x_in", "dx", "x_prev", "ln_w", "ln_b", "mix", "dims"),
                       outputs=("x_out", "h", "xs"))
@@ -27,7 +27,7 @@ def norm_mix(x: mx.array, dx: mx.array | None, ln: tuple[mx.array, mx.array], x_
         spread = B * T < SPREAD_BELOW_ROWS and C % THREADS == 0
         nblk = C // THREADS if spread else 1
         x_out, h, xs = kernel(
-            inputs=[x, dx, x_prev, ln[0], ln[1], mix, mx.array([T, B], dtype=mx.int32)],
+            inputs=[x, dx, x_prev, ln[0], ln[1], mix, int_params(T, B)],
             template=[("T", x.dtype), ("C", C), ("M", M), ("TG", THREADS), ("NBLK", nblk)],
             grid=(B * T * nblk * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[x.shape, x.shape, (M, B * T, C)], output_dtypes=[x.dtype] * 3)

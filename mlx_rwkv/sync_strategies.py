@@ -4,8 +4,9 @@ do not run themselves (`mlx-rwkv bench`, mlx_rwkv.benchmark).
     compiled            RWKV7.step: the decode step under mx.compile, one eval per token
     whole-pass          the same forward uncompiled, one eval per token
     per-layer           EvalHook(model, "layer"): an eval after every layer
-    per-op              EvalHook(model, "op"): an eval after every op of the engine (norm_mix, each
-                        projection group, wkv7: one kernel launch each on a GPU)
+    per-op              EvalHook(model, "op"): an eval after every op of the engine (each
+                        projection group, with or without its norm prologue, and the WKV kernel:
+                        one kernel launch each on a GPU)
     webgpu-one-submit   WebGPUModel: one submit and one logits read-back per token
     webgpu-per-op       WebGPUModel.per_op_sync: submit and wait after every dispatch
     hybrid              Hybrid(model): the WebGPU forward with every Q4_K linear op handed to our
@@ -78,10 +79,11 @@ def _flat_arrays(tree: Any) -> list[mx.array]:
 
 class EvalHook:
     """While active (`with EvalHook(model, "op"):`), the MLX model's forward is evaluated as it is
-    built: after every op of the engine (`"op"`: norm_mix, each projection group, wkv7), or after
-    every layer (`"layer"`: once its FFN value projection is built). Run it around the uncompiled
-    forward; the patch (mlx_rwkv.model's norm_mix and wkv7, ProjectionGroup.__call__) is undone
-    on exit.
+    built: after every op of the engine (`"op"`: each projection group, with or without its norm
+    prologue, and the WKV kernel; where such an op runs as two launches, each), or after every
+    layer (`"layer"`: once its FFN value projection is built). Run it around the uncompiled
+    forward; the patch (mlx_rwkv.model's wkv7_lora, ProjectionGroup's __call__ and after_norm)
+    is undone on exit.
 
     syncs: evaluations so far. nodes: kernel nodes in those evaluations (with count_nodes, which
     inspects each graph before evaluating it: slow, for one counting step)."""
@@ -98,16 +100,16 @@ class EvalHook:
         self._saved: tuple | None = None
 
     def __enter__(self) -> "EvalHook":
-        norm_mix, wkv7, group_call = model_module.norm_mix, model_module.wkv7, ProjectionGroup.__call__
-        self._saved = (norm_mix, wkv7, group_call)
-        model_module.norm_mix = lambda *a, **k: self._built(norm_mix(*a, **k), False)
-        model_module.wkv7 = lambda *a, **k: self._built(wkv7(*a, **k), False)
+        wkv7, group_call, after_norm = model_module.wkv7_lora, ProjectionGroup.__call__, ProjectionGroup.after_norm
+        self._saved = (wkv7, group_call, after_norm)
+        model_module.wkv7_lora = lambda *a, **k: self._built(wkv7(*a, **k), False)
         ProjectionGroup.__call__ = lambda group, x, nt: self._built(group_call(group, x, nt),
                                                                     id(group) in self.layer_ends)
+        ProjectionGroup.after_norm = lambda group, *a: self._built(after_norm(group, *a), False)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        model_module.norm_mix, model_module.wkv7, ProjectionGroup.__call__ = self._saved
+        model_module.wkv7_lora, ProjectionGroup.__call__, ProjectionGroup.after_norm = self._saved
         self._pending = []
 
     def _built(self, out: Any, layer_end: bool) -> Any:

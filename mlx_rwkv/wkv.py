@@ -2,7 +2,8 @@
 
 Three implementations of one computation:
 - `wkv7` kernel: everything in one launch, for decode (T <= FUSED_MAX_T, head sizes a multiple
-  of 8 up to 64; serial per token);
+  of 8 up to 64; serial per token); `wkv7_lora` kernel: the same for one token, with the four
+  LoRA up-projections that make its inputs computed inside (decode's launch of the layer);
 - `wkv7_scan` + `wkv7_finish` kernels, for prefill: the recurrence with the per-token vector
   math fused in (8 lanes per state row, head sizes 32 and 64), then GroupNorm, bonus and gate
   token-parallel;
@@ -18,13 +19,22 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from .kernels import SAFE_THREADS, KernelSpec, get_kernel, threadgroup_fits
+from .kernels import SAFE_THREADS, KernelSpec, get_kernel, int_params, threadgroup_fits
+from .matvec import ProjectionGroup, weight_format
 
+PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 WKV7_FUSED = KernelSpec(
     name="wkv7",
-    inputs=("r", "k", "v", "g", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
-            "ln_w", "ln_b", "state_in", "seq_len"),
+    inputs=("r", "k", "v", "g", "lw", "la", "lv", "v_first", *PARAM_NAMES, "state_in", "seq_len"),
     outputs=("y_out", "state_out"),
+    sources=("wkv7_inputs.inc", "wkv7.inc"),
+)
+# the same for one token with the LoRA up-projections inside (hid: the LoRA hiddens)
+WKV7_LORA = KernelSpec(
+    name="wkv7_lora",
+    inputs=("r", "k", "v", "v_first", "hid", "up_w", "up_seg", *PARAM_NAMES, "state_in", "seq_len"),
+    outputs=("y_out", "state_out"),
+    sources=("load8.inc", "wkv7_lora.inc", "wkv7.inc"),
 )
 _SCAN_INPUTS = ("r", "k", "v", "lw", "la", "lv", "v_first", "w0", "a0", "v0", "k_k", "k_a", "r_k",
                 "state_in", "seq_len")
@@ -46,8 +56,6 @@ SCAN_LANES_PER_ROW = 8  # lanes sharing a state row: 3 shuffle levels per sum, 4
 SCAN_GROUP_ROWS = 16  # state rows per threadgroup: 16 at 1.5B gives 128 threadgroups, ~1 per SM
 SCAN_STAGE_TOKENS = 8  # tokens per stage, double-buffered: 22 KB of shared memory at N = 64
 
-PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
-
 
 def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
          lv: mx.array, v_first: mx.array | None, params: dict[str, mx.array],
@@ -60,8 +68,7 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     Returns y (B, T, C) in the activation dtype, ready for the output projection, and the state.
     """
     T, N, lpr = r.shape[1], state.shape[-1], FUSED_LANES_PER_ROW
-    fits = N % lpr == 0 and N * lpr % SIMD_WIDTH == 0 and N * lpr <= FUSED_MAX_THREADS
-    fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T and fits else None
+    fused = get_kernel(WKV7_FUSED) if T <= FUSED_MAX_T and _fused_layout_fits(N) else None
     if fused is not None and (N * lpr <= SAFE_THREADS or _fused_fits(fused, r.dtype, state.shape[1], N,
                                                                       v_first is None)):
         return _fused(fused, r, k, v, g, lw, la, lv, v_first, params, state)
@@ -72,6 +79,46 @@ def wkv7(r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: m
     return wkv7_reference(r, k, v, g, lw, la, lv, v_first, params, state)
 
 
+def wkv7_lora(r: mx.array, k: mx.array, v: mx.array, hid: mx.array, lora_up: ProjectionGroup,
+              v_first: mx.array | None, params: dict[str, mx.array], state: mx.array) -> tuple[mx.array, mx.array]:
+    """`wkv7` with lw, la, lv, g = lora_up(hid): the LoRA up-projections of the hiddens in `hid`,
+    the flat output of the projection group that wrote them. Decode (one token) on a GPU: one
+    launch (WKV7_LORA: each threadgroup computes its head's channels of the four up-projections);
+    otherwise the group's launch, then `wkv7`."""
+    B, T, C = r.shape
+    H, N = state.shape[1], state.shape[-1]
+    lora = get_kernel(WKV7_LORA) if T == 1 and lora_up.kernel is not None and not lora_up.has_q4k \
+        and _fused_layout_fits(N) else None
+    if lora is not None and (N * FUSED_LANES_PER_ROW <= SAFE_THREADS or threadgroup_fits(
+            (WKV7_LORA, r.dtype, lora_up.dtype, H, N, v_first is None, FUSED_LANES_PER_ROW),
+            lambda: _fused_lora(lora, r[:1], k[:1], v[:1], hid, lora_up, v_first if v_first is None else v_first[:1],
+                                params, state[:1]))):
+        return _fused_lora(lora, r, k, v, hid, lora_up, v_first, params, state)
+    lw, la, lv, g = (t.reshape(B, T, C) for t in lora_up.split(lora_up(hid, B * T), B * T))
+    return wkv7(r, k, v, g, lw, la, lv, v_first, params, state)
+
+
+def _fused_lora(lora: Callable, r: mx.array, k: mx.array, v: mx.array, hid: mx.array, lora_up: ProjectionGroup,
+                v_first: mx.array | None, params: dict[str, mx.array], state: mx.array) -> tuple[mx.array, mx.array]:
+    B, T, C = r.shape
+    _, H, N, _ = state.shape
+    lpr, first = FUSED_LANES_PER_ROW, v_first is None
+    y, new_state = lora(
+        inputs=[r, k, v, v if first else v_first, hid, lora_up.wd, lora_up.table,
+                *(params[n] for n in PARAM_NAMES), state, int_params(T, B * T)],
+        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr),
+                  ("XFMT", weight_format(r.dtype)), ("WFMT", weight_format(lora_up.dtype))],
+        grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
+        output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
+    return y, new_state
+
+
+def _fused_layout_fits(N: int) -> bool:
+    """Whether the fused kernels' layout (FUSED_LANES_PER_ROW lanes per state row) covers head size N."""
+    lpr = FUSED_LANES_PER_ROW
+    return N % lpr == 0 and N * lpr % SIMD_WIDTH == 0 and N * lpr <= FUSED_MAX_THREADS
+
+
 def _fused(fused: Callable, r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
            lv: mx.array, v_first: mx.array | None, params: dict[str, mx.array],
            state: mx.array) -> tuple[mx.array, mx.array]:
@@ -80,7 +127,7 @@ def _fused(fused: Callable, r: mx.array, k: mx.array, v: mx.array, g: mx.array, 
     lpr, first = FUSED_LANES_PER_ROW, v_first is None
     y, new_state = fused(
         inputs=[r, k, v, g, lw, la, v if first else lv, v if first else v_first,
-                *(params[n] for n in PARAM_NAMES), state, mx.array([T], dtype=mx.int32)],
+                *(params[n] for n in PARAM_NAMES), state, int_params(T)],
         template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr)],
         grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
         output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
@@ -126,7 +173,7 @@ def _scan_and_finish(scan: Callable, launch: ScanLaunch, r: mx.array, k: mx.arra
     layout_template, grid, threads = launch
     y_raw, bonus, new_state = scan(
         inputs=[r, k, v, lw, la, v if first else lv, v if first else v_first,
-                *(params[n] for n in PARAM_NAMES[:6]), state, mx.array([T], dtype=mx.int32)],
+                *(params[n] for n in PARAM_NAMES[:6]), state, int_params(T)],
         template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), *layout_template],
         grid=(grid, 1, 1), threadgroup=(threads, 1, 1),
         output_shapes=[r.shape, r.shape, state.shape], output_dtypes=[mx.float32] * 3)

@@ -123,6 +123,23 @@ def _wkv7_call(dtype: mx.Dtype) -> None:
     wkv7(act, act, act, act, act, act, act, act, params, state)  # later layers: FIRST = 0
 
 
+def _wkv7_lora_call(dtype: mx.Dtype) -> None:  # decode's WKV launch, the LoRA up-projections inside
+    import numpy as np
+
+    from mlx_rwkv.matvec import ProjectionGroup, Segment
+    from mlx_rwkv.wkv import PARAM_NAMES, wkv7_lora
+
+    B, H, N, rank = 2, 2, 64, 32
+    C = H * N
+    up = ProjectionGroup([Segment(np.zeros((C, rank), np.float32), x_base=3 * C + i * rank) for i in range(4)],
+                         dtype)
+    act = mx.zeros((B, 1, C), dtype=dtype)
+    hid = mx.zeros((B * (3 * C + 4 * rank),), dtype=dtype)
+    params = {name: mx.zeros((C,)) for name in PARAM_NAMES}
+    for v_first in (None, act):  # FIRST = 1, 0
+        wkv7_lora(act, act, act, hid, up, v_first, params, mx.zeros((B, H, N, N)))
+
+
 def _wkv7_scan_call(dtype: mx.Dtype) -> None:  # prefill: wkv7_scan + wkv7_finish
     from mlx_rwkv import wkv
 
@@ -165,9 +182,25 @@ def _matvec_call(dtype: mx.Dtype) -> None:  # grouped mat-vec: dense + Q4_K segm
     q4k = Q4KTensor(quantize_q4k(np.zeros((8, k), np.float32)), (8, k))
     mixed = ProjectionGroup([Segment(np.zeros((16, k), np.float32), "tanh"), Segment(q4k, "relu2", k)], dtype)
     dense = ProjectionGroup([Segment(np.zeros((16, k), np.float32))], dtype)  # no Q4_K segment
-    for nt in (1, 3):
+    for nt in (1, 3, 12):  # 12: tiles of 8 rows
         mixed(mx.zeros((2, nt, k), dtype=dtype), nt)
         dense(mx.zeros((nt, k), dtype=dtype), nt)
+
+
+def _matvec_norm_call(dtype: mx.Dtype) -> None:  # the mat-vec with norm_mix's work in its prologue
+    import numpy as np
+
+    from mlx_rwkv.matvec import ProjectionGroup, Segment
+    from mlx_rwkv.quant import Q4KTensor, quantize_q4k
+
+    C = 256
+    q4k = Q4KTensor(quantize_q4k(np.zeros((8, C), np.float32)), (8, C))
+    group = ProjectionGroup([Segment(np.zeros((16, C), np.float32), "tanh"), Segment(q4k, "relu2", C)], dtype)
+    ln = (mx.zeros((C,), dtype=dtype), mx.zeros((C,), dtype=dtype))
+    for B in (1, 3):
+        x = mx.zeros((B, 1, C), dtype=dtype)
+        for dx in (None, x):  # layer 0 has no pending residual update
+            group.after_norm(x, dx, ln, mx.zeros((B, C), dtype=dtype), mx.zeros((2, C), dtype=dtype))
 
 
 # One entry per KernelSpec name: call the public code that launches it, on tiny inputs whose
@@ -179,6 +212,8 @@ EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "norm_mix": _norm_mix_call,
     "q4k_dequant": _q4k_call,
     "matvec": _matvec_call,
+    "matvec_norm": _matvec_norm_call,
+    "wkv7_lora": _wkv7_lora_call,
     "simd_probe": lambda dtype: importlib.import_module("mlx_rwkv.doctor").simd_probe(256),
 }
 
@@ -310,11 +345,8 @@ def full_metal_source(spec: KernelSpec, input_dtypes: Sequence[mx.Dtype],
     for i, attr in enumerate(attributes):
         src.append(attr + (") {\n" if i == len(attributes) - 1 else ",\n"))
     if line_markers:
-        inc = kernels.read_source(f"{spec.name}.inc")
-        prefix = body[: len(body) - len(inc)] if body.endswith(inc) else body
-        src.append(prefix)
-        if body.endswith(inc):
-            src.append(f'#line 1 "metal_kernels/{spec.name}.inc"\n' + inc)
+        for filename, text in kernels.body_parts(spec, "metal"):
+            src.append(f'#line 1 "metal_kernels/{filename}"\n' + text if filename else text)
         src.append('\n#line 1 "<mlx instantiation>"')
     else:
         src.append(body)

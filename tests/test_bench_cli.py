@@ -117,13 +117,14 @@ def test_eval_hook_restores_the_model(capsys):
     from mlx_rwkv.loading import build_model
     from mlx_rwkv.sync_strategies import EvalHook
 
-    originals = model_module.norm_mix, model_module.wkv7, ProjectionGroup.__call__
+    hooked = lambda: (model_module.wkv7_lora, ProjectionGroup.__call__, ProjectionGroup.after_norm)  # noqa: E731
+    originals = hooked()
     model = build_model(synthetic_weights(TINY_CONFIG, "f16"), TINY_CONFIG, "float16")
     with EvalHook(model, "layer") as hook:
         model.forward([1, 2, 3])
-        assert model_module.norm_mix is not originals[0]
+        assert all(now is not before for now, before in zip(hooked(), originals))
     assert hook.syncs == TINY_CONFIG.n_layer
-    assert (model_module.norm_mix, model_module.wkv7, ProjectionGroup.__call__) == originals
+    assert hooked() == originals
 
 
 def test_plots_and_readme_render(tmp_path, capsys):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from bench.kernel_resources import matvec_source, resources, scan_source
+from bench.kernel_resources import matvec_source, resources, scan_source, wkv7_source
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs the CUDA toolkit's nvcc")
@@ -23,4 +23,16 @@ def test_wkv7_scan_builds_in_registers(first):
 @pytest.mark.parametrize("has_q4k", [1, 0])
 def test_matvec_builds_in_registers(has_q4k):
     used = resources(matvec_source("half", 1, 2, 1, has_q4k), NVCC)
+    assert used["stack"] == 0 and used["spill"] == 0, used
+
+
+def test_matvec_norm_builds_in_registers():
+    used = resources(matvec_source("half", 1, 2, 1, 1, norm=True), NVCC)
+    assert used["stack"] == 0 and used["spill"] == 0, used
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("first", [1, 0])
+def test_wkv7_builds_in_registers(lora, first):
+    used = resources(wkv7_source("half", 32, first, lora), NVCC)
     assert used["stack"] == 0 and used["spill"] == 0, used

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated_kernels
-from mlx_rwkv.matvec import ProjectionGroup
+from mlx_rwkv.matvec import MAX_ROWS, ProjectionGroup, Segment
 from mlx_rwkv import wkv
 from mlx_rwkv.norm_mix import norm_mix
 from mlx_rwkv.wkv import wkv7
@@ -61,10 +61,11 @@ def test_wkv7(B, T, H, N, first):
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("q4k", [False, True])
-@pytest.mark.parametrize("nt", [1, 3, 8, 9])
+@pytest.mark.parametrize("nt", [1, 3, 8, 13, MAX_ROWS + 1])
 def test_matvec(dtype, q4k, nt):
     """Mixed segments: odd row counts (rows of a SIMD-group past the segment's end), tanh/sigmoid/relu2.
-    nt = 9 is the matmul path, whose Q4_K segments come from one expansion of all their blocks."""
+    nt = 13: tiles of 8 rows, the last one partial; above MAX_ROWS the matmul path, whose Q4_K
+    segments come from one expansion of all their blocks."""
     shapes = [(5, 512), (3, 256), (33, 512), (2, 64)]
     acts, bases = ["none", "tanh", "relu2", "sigmoid"], [0, 512, 768, 1280]
     segments, _ = _segments(shapes, acts, q4k, bases)
@@ -120,10 +121,14 @@ def test_whole_model_gpu_path(dtype, quant):
         return mx.concatenate(outs, axis=1), state
 
     want, want_state = run(build_model(weights, config, dtype))
-    with emulated_kernels():
+    with emulated_kernels() as launched:
         model = build_model(weights, config, dtype)
         assert model.head.kernel is not None
         got, got_state = run(model)
+        del launched[:]
+        model._run(ids[:, :1], model.new_state(2), all_logits=False)  # decode: 5 launches per layer
+    layer = ["matvec_norm", "wkv7_lora", "matvec", "matvec_norm", "matvec"]
+    assert launched == layer * config.n_layer + ["matvec"]  # + the head
     tol = {"float32": 2e-4, "float16": 2e-2, "bfloat16": 5e-2}[dtype]  # measured: bf16 up to 1e-2
     close(got, want, tol)
     for a, b in zip(got_state.wkv, want_state.wkv):
