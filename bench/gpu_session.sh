@@ -5,7 +5,7 @@
 #     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-matvec ncu-decode ncu-decode-q4k
 #     ncu-detail ncu-detail-decode scan ncu-scan mlx mlx-1.5b graph-size q4k webgpu-kernel
 #     webgpu-kernel-sweep webgpu-q4k-decode webgpu-profile webgpu
-#     bench-sync bench-context bench-sizes bench-sync-2.9b bench-plots)
+#     decode-profile bench-batch bench-sync bench-context bench-sizes bench-sync-2.9b bench-serve bench-plots)
 # Each step has its own time limit so one 10-minute device call can hold several.
 # The full `mlx-rwkv bench` matrix (issue 15) in two device calls of <= 9 minutes:
 #   call 1: bash bench/gpu_session.sh bench-sync bench-context               (<= 300 + 200 s)
@@ -61,6 +61,14 @@ for step in "$@"; do
     ncu-detail-decode) run ncu_detail_decode 120 bash -c "${ncu_stalls[*]} -k 'regex:wkv7|norm_mix' \
                --launch-skip 5 --launch-count 5 python3 -m bench.kernel_times run decode --layers 2 \
                > $out/ncu_detail_decode.txt; grep -E $stall_lines $out/ncu_detail_decode.txt | head -60" ;;
+    # where a 1.5B decode step goes: host issue time and wall time per step, then ncu kernel time
+    decode-profile) for p in f16 q4k; do
+               run wall_$p 90 python3 -m bench.kernel_times wall --precision $p
+               run ncu_decode_$p 150 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision $p \
+               > $out/decode_$p.csv && python3 -m bench.kernel_times summarize $out/decode_$p.csv"; done ;;
+    # batched decode: aggregate tok/s of B sequences through the same kernels
+    bench-batch) run bench_batch 200 "${bench[@]}" --shapes 1.5B --precisions f16 q4k --engines mlx \
+               --strategies compiled --batches 8 32 64 ;;
     ncu-decode-q4k) run ncu_decode_q4k 90 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
                > $out/decode_q4k.csv && python3 -m bench.kernel_times summarize $out/decode_q4k.csv" ;;
     # prefill with 2 layers: 3 norm_mix + 2 scans per pass; the first pass warms up

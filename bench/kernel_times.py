@@ -8,7 +8,13 @@
 `run` executes the workload twice (the first pass compiles and warms up) with a marker kernel
 in between; `summarize` keeps the launches after the marker (the measured pass) and prints GPU microseconds per kernel
 name, the total GPU time, and the launch count. Comparing the total with the wall time per
-token tells whether a step is bound by the GPU or by dispatch.
+token tells whether a step is bound by the GPU or by dispatch:
+
+    python -m bench.kernel_times wall --precision q4k     (no ncu: host and wall time per decode step)
+
+prints, per compiled decode step (batch 1, greedy), the host time to build and issue it (graph
+construction and the compiled call, before any wait) and the wall time of a step including its
+wait; wall minus the ncu kernel total is the time the GPU sat idle between kernels.
 """
 from __future__ import annotations
 
@@ -21,11 +27,42 @@ from collections import defaultdict
 import mlx.core as mx
 import numpy as np
 
-from bench.bench_mlx import synthetic_model
+import time
+
+from mlx_rwkv.benchmark import MLX_DTYPES, synthetic_weights
+from mlx_rwkv.config import config_for_shape
+from mlx_rwkv.loading import build_model
+from mlx_rwkv.model import RWKV7
+
+
+def synthetic_model(shape: str, precision: str, layers: int | None) -> tuple[RWKV7, object]:
+    """The benchmark's synthetic model (random Q4_K blocks: seconds, not minutes of quantizing)."""
+    config = config_for_shape(shape, **({"n_layer": layers} if layers else {}))
+    return build_model(synthetic_weights(config, precision), config, MLX_DTYPES[precision]), config
+
+
+def wall(shape: str, layers: int | None, precision: str, steps: int = 200) -> None:
+    """Host time to issue a compiled decode step, and wall time per step with its wait."""
+    model, _ = synthetic_model(shape, precision, layers)
+    state, token = model.new_state(), mx.zeros((1,), mx.int32)
+    mx.eval(state.arrays(), token)
+    issue, warmup = [], 10
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        logits, state = model.step(token, state)
+        token = mx.argmax(logits, axis=-1).astype(mx.int32)
+        issue.append(time.perf_counter() - t0)
+        mx.eval(token, state.arrays())
+    issue = issue[warmup:]
+    per_step = (time.perf_counter() - start) / steps
+    print(f"{shape} {precision}: host issue {1e6 * np.median(issue):.1f} us/step (median), "
+          f"wall {1e6 * per_step:.1f} us/step ({1 / per_step:.1f} tok/s)")
 
 
 def run(mode: str, shape: str, layers: int | None, precision: str, tokens: int) -> None:
-    model, config, _ = synthetic_model(shape, precision, layers)
+    model, config = synthetic_model(shape, precision, layers)
     ids = mx.array(np.random.default_rng(0).integers(1, config.vocab_size, tokens), dtype=mx.int32)
     state = model.new_state()
     mx.eval(state.arrays())
@@ -86,12 +123,18 @@ def main() -> None:
     r.add_argument("--layers", type=int)
     r.add_argument("--precision", default="f16", choices=["f16", "q4k"])
     r.add_argument("--tokens", type=int, default=1024)
+    w = sub.add_parser("wall")
+    w.add_argument("--shape", default="1.5B")
+    w.add_argument("--layers", type=int)
+    w.add_argument("--precision", default="f16", choices=["f16", "q4k"])
     s = sub.add_parser("summarize")
     s.add_argument("csv")
     s.add_argument("--all", action="store_true", help="every launch (a profile without the marker)")
     args = p.parse_args()
     if args.cmd == "run":
         run(args.mode, args.shape, args.layers, args.precision, args.tokens)
+    elif args.cmd == "wall":
+        wall(args.shape, args.layers, args.precision)
     else:
         summarize(args.csv, args.all)
 

@@ -66,6 +66,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=check.int_at_least(1), default=3, help="timed repeats (the median is recorded)")
     p.add_argument("--contexts", nargs="+", type=token_count, default=[], metavar="N",
                    help="MLX: decode after prefilling N tokens each (e.g. 0 4k 16k 64k)")
+    p.add_argument("--batches", nargs="+", type=check.int_at_least(1), default=[], metavar="B",
+                   help="MLX: decode B sequences at once with the fastest strategy (aggregate tok/s), e.g. 8 32 64")
     p.add_argument("--prefill-tokens", nargs="+", type=positive_token_count, default=[], metavar="N",
                    help="MLX: time the prefill of N tokens from a zero state, with peak memory (e.g. 1k 64k)")
     p.add_argument("--chunk-size", type=check.int_at_least(1), default=1024, help="prefill chunk length in tokens")
@@ -86,10 +88,10 @@ def plan_from(args: argparse.Namespace) -> "Plan":
     overrides = {k: v for k, v in (("n_layer", args.layers), ("n_embd", args.embd), ("vocab_size", args.vocab))
                  if v is not None}
     strategies = [s for s in args.strategies if engine_of(s) in args.engines]
-    if not strategies and not (args.contexts or args.prefill_tokens):
+    if not strategies and not (args.contexts or args.prefill_tokens or args.batches):
         raise ValueError("nothing to run: no --strategies of the chosen --engines")
-    if (args.contexts or args.prefill_tokens) and "mlx" not in args.engines:
-        raise ValueError("--contexts and --prefill-tokens measure the MLX engine: add mlx to --engines")
+    if (args.contexts or args.prefill_tokens or args.batches) and "mlx" not in args.engines:
+        raise ValueError("--contexts, --prefill-tokens and --batches measure the MLX engine: add mlx to --engines")
     if "q4k" in args.precisions:
         for shape in args.shapes:
             c = config_for_shape(shape, **overrides)
@@ -100,14 +102,15 @@ def plan_from(args: argparse.Namespace) -> "Plan":
         print("note: --official skipped: it needs torch and the official rwkv package", file=sys.stderr)
     return Plan(shapes=args.shapes, precisions=args.precisions, strategies=strategies,
                 decode_steps=args.decode_steps, slow_steps=args.slow_steps, repeats=args.repeats,
-                contexts=args.contexts, prefill_tokens=args.prefill_tokens, chunk_size=args.chunk_size,
+                contexts=args.contexts, batches=args.batches, prefill_tokens=args.prefill_tokens,
+                chunk_size=args.chunk_size,
                 official=official, overrides=overrides)
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The command as run, every option spelled out (what a results file records)."""
     parts = ["mlx-rwkv", "bench"]
-    for name in ("shapes", "precisions", "engines", "strategies", "contexts", "prefill_tokens"):
+    for name in ("shapes", "precisions", "engines", "strategies", "contexts", "batches", "prefill_tokens"):
         if getattr(args, name):
             parts += [f"--{name.replace('_', '-')}", *map(str, getattr(args, name))]
     for name in ("layers", "embd", "vocab", "decode_steps", "slow_steps", "repeats", "chunk_size"):

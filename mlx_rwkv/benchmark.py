@@ -60,6 +60,7 @@ class Plan:
     slow_steps: int = 8  # the same for SLOW_STRATEGIES
     repeats: int = 3
     contexts: list[int] = field(default_factory=list)  # decode after prefilling these many tokens
+    batches: list[int] = field(default_factory=list)  # MLX decode of B sequences at once (aggregate tok/s)
     prefill_tokens: list[int] = field(default_factory=list)  # prefill lengths to time
     chunk_size: int = 1024  # prefill chunk (MLX; WebGPU submits chunks of at most this)
     official: bool = False  # the official `rwkv` package on the same weights (f16/f32)
@@ -137,10 +138,10 @@ def peak_mb() -> float:
 class MLXDecoder:
     """Greedy decode on an MLX model with one of MLX_STRATEGIES; `step()` is one token."""
 
-    def __init__(self, model: RWKV7, strategy: str, state: State | None = None) -> None:
+    def __init__(self, model: RWKV7, strategy: str, state: State | None = None, batch: int = 1) -> None:
         self.model, self.strategy = model, strategy
-        self.state = state or model.new_state()
-        self.token = mx.array([0], dtype=mx.int32)
+        self.state = state or model.new_state(batch)
+        self.token = mx.zeros((self.state.batch_size,), dtype=mx.int32)
         mx.eval(self.token, self.state.arrays())  # a lazy zero state would count as kernels
         self.hook = EvalHook(model, "op" if strategy == "per-op" else "layer") \
             if strategy in ("per-op", "per-layer") else None
@@ -180,17 +181,18 @@ def _roofline(tok_s: float, config: ModelConfig, precision: str, bandwidth: floa
 
 
 def mlx_decode(model: RWKV7, strategy: str, plan: Plan, shape: str, precision: str,
-               state: State | None = None, context: int = 0) -> dict:
-    """One decode record of an MLX strategy (from `state`, after `context` tokens)."""
-    decoder = MLXDecoder(model, strategy, state)
+               state: State | None = None, context: int = 0, batch: int = 1) -> dict:
+    """One decode record of an MLX strategy (from `state`, after `context` tokens; `batch`
+    sequences at once from a zero state: tok_s counts the tokens of all of them)."""
+    decoder = MLXDecoder(model, strategy, state, batch)
     kernels = decoder.kernels_per_token()
     steps = plan.slow_steps if strategy in SLOW_STRATEGIES else plan.decode_steps
     mx.reset_peak_memory()
     with decoder.active():
         decoder.step()
         syncs = 1 + (decoder.hook.syncs if decoder.hook else 0)  # the strategy's waits + the token's
-        rates = time_steps(decoder.step, steps, plan.repeats)
-    rec = record("mlx", plan.label(shape), precision, "decode", strategy, tokens=steps, rates=rates,
+        rates = [rate * batch for rate in time_steps(decoder.step, steps, plan.repeats)]
+    rec = record("mlx", plan.label(shape), precision, "decode", strategy, batch=batch, tokens=steps, rates=rates,
                  kernels_per_token=kernels, syncs_per_token=float(syncs), peak_memory_mb=peak_mb(),
                  context=context, weights=WEIGHTS_NOTE)
     rec["roofline_fraction"] = _roofline(rec["tok_s"], model.config, precision, plan.bandwidth_gb_s)
@@ -384,7 +386,7 @@ def run(plan: Plan, log: Callable[[str], None] = lambda s: print(s, file=sys.std
 def _mlx_part(plan: Plan, shape: str, precision: str, config: ModelConfig, weights: dict, what: str,
               log: Callable[[str], None]) -> list[dict]:
     strategies = [s for s in plan.strategies if s in MLX_STRATEGIES]
-    if not (strategies or plan.contexts or plan.prefill_tokens):
+    if not (strategies or plan.contexts or plan.prefill_tokens or plan.batches):
         return []
     t0 = time.perf_counter()
     model = build_model(weights, config, MLX_DTYPES[precision])
@@ -398,6 +400,9 @@ def _mlx_part(plan: Plan, shape: str, precision: str, config: ModelConfig, weigh
     records = []
     for strategy in strategies:
         records += _guarded(f"{what} mlx {strategy}", log, lambda: mlx_decode(model, strategy, plan, shape, precision))
+    for batch in plan.batches:
+        records += _guarded(f"{what} mlx {best} batch {batch}", log,
+                            lambda: mlx_decode(model, best, plan, shape, precision, batch=batch))
     if plan.contexts:
         records += _guarded(f"{what} mlx contexts", log, lambda: mlx_contexts(model, plan, shape, precision, best))
     for tokens in plan.prefill_tokens:

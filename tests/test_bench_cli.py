@@ -202,3 +202,13 @@ def test_bench_records_webgpu_and_hybrid(wgpu_adapter, tmp_path, capsys):
     assert records["hybrid"]["engine"] == "hybrid"
     assert records["hybrid"]["syncs_per_token"] == 2 * handed_off + 1
     assert records["hybrid"]["kernels_per_token"] >= dispatches  # the WebGPU rest plus MLX's launches
+
+
+def test_batched_decode_records(tmp_path, capsys):
+    """--batches: compiled (CPU: whole-pass) decode of B sequences, aggregate tok/s, one record per B."""
+    bench([*TINY, "--engines", "mlx", "--precisions", "f16", "--strategies", "compiled", "--batches", "3",
+           "--write", "--results-dir", str(tmp_path)], capsys)
+    records = only_file(tmp_path)["records"]
+    batched = [r for r in records if r["batch"] == 3]
+    assert len(batched) == 1 and batched[0]["mode"] == "decode" and batched[0]["tok_s"] > 0
+    assert "--batches 3" in only_file(tmp_path)["command"]
