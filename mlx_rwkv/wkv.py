@@ -89,13 +89,23 @@ def wkv7_lora(r: mx.array, k: mx.array, v: mx.array, hid: mx.array, lora_up: Pro
     H, N = state.shape[1], state.shape[-1]
     lora = get_kernel(WKV7_LORA) if T == 1 and lora_up.kernel is not None and not lora_up.has_q4k \
         and _fused_layout_fits(N) else None
-    if lora is not None and (N * FUSED_LANES_PER_ROW <= SAFE_THREADS or threadgroup_fits(
-            (WKV7_LORA, r.dtype, lora_up.dtype, H, N, v_first is None, FUSED_LANES_PER_ROW),
-            lambda: _fused_lora(lora, r[:1], k[:1], v[:1], hid, lora_up, v_first if v_first is None else v_first[:1],
-                                params, state[:1]))):
+    if lora is not None and (N * FUSED_LANES_PER_ROW <= SAFE_THREADS or _lora_fits(lora, r.dtype, lora_up, params,
+                                                                                   H, N, v_first is None)):
         return _fused_lora(lora, r, k, v, hid, lora_up, v_first, params, state)
     lw, la, lv, g = (t.reshape(B, T, C) for t in lora_up.split(lora_up(hid, B * T), B * T))
     return wkv7(r, k, v, g, lw, la, lv, v_first, params, state)
+
+
+def _lora_fits(lora: Callable, dtype: mx.Dtype, lora_up: ProjectionGroup, params: dict[str, mx.array],
+               H: int, N: int, first: bool) -> bool:
+    """Whether WKV7_LORA's threadgroup fits this instantiation's Metal pipeline (as _fused_fits;
+    the probe's inputs are new arrays, so it may run while mx.compile traces the step)."""
+    def probe() -> tuple[mx.array, mx.array]:
+        act = mx.zeros((1, 1, H * N), dtype=dtype)
+        hid = mx.zeros((max(base + k for (_, k), base in zip(lora_up.shapes, lora_up.x_bases)),), dtype=dtype)
+        return _fused_lora(lora, act, act, act, hid, lora_up, None if first else act, params, mx.zeros((1, H, N, N)))
+
+    return threadgroup_fits((WKV7_LORA, dtype, lora_up.dtype, H, N, first, FUSED_LANES_PER_ROW), probe)
 
 
 def _fused_lora(lora: Callable, r: mx.array, k: mx.array, v: mx.array, hid: mx.array, lora_up: ProjectionGroup,
