@@ -214,7 +214,9 @@ class Engine:
             return 0
         end = min(len(prompt), seq.pos + budget, *(c for c in seq.req.cut_points if c > seq.pos))
         logits, seq.state = self.model.forward(list(prompt[seq.pos:end]), seq.state)
-        mx.eval(logits, seq.state.arrays())
+        if end < len(prompt) and end == seq.pos + budget:  # the round ends mid-prompt: bound the graph
+            mx.eval(logits, seq.state.arrays())
+        # else lazy: the segments up to the prompt's end run back to back, one wait in _first_token
         n, seq.pos, seq.logits = end - seq.pos, end, logits
         self.prefilled_tokens += n
         if end == len(prompt) or end in seq.req.cut_points:
@@ -227,6 +229,7 @@ class Engine:
         token, seq.counts = sample_rows(seq.logits[None], BatchParams([p]), mx.array([0], mx.uint32), counts,
                                         self._ban)
         seq.token = token
+        mx.eval(token, seq.state.arrays())  # the prompt's one wait (cached segment states included)
         self._active.append(seq)  # before the first chunk reaches the client: it may look at stats()
         self._dirty = True
         reason = self._accept(seq, token.item())
