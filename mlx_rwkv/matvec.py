@@ -131,6 +131,21 @@ def _activate_host(y: np.ndarray, act: str) -> None:
         np.square(y, out=y)
 
 
+def pack_host_weights(groups: list["ProjectionGroup"]) -> None:
+    """Move the numpy weights of these groups into one buffer. numpy asks Linux for transparent huge
+    pages only for arrays of 4 MB or more, so each 768 x 768 or LoRA matrix of the 0.1B shape sat on
+    4 KB pages (TLB misses): in one buffer, decode ran 2-4% faster (2 Xeon cores)."""
+    buf = np.empty(sum(w.size for g in groups for w in g.host_weights), np.float32)
+    start = 0
+    for g in groups:
+        views = []
+        for w in g.host_weights:
+            views.append(buf[start: start + w.size].reshape(w.shape))
+            views[-1][...] = w
+            start += w.size
+        g.set_host_weights(views)  # the group's own arrays are freed here
+
+
 class ProjectionGroup:
     """Segments applied to one flat input; `group(x, nt)` -> flat output, `split` -> views."""
 
@@ -151,7 +166,7 @@ class ProjectionGroup:
             # transparent huge pages on large arrays, MLX does not: the head mat-vec took 5.5 ms
             # over numpy's memory, 7.2 ms over MLX's (TLB misses)
             self.kernel, self.linears = None, []
-            self.host_weights = [np.array(s.weight, dtype=np.float32) for s in segments]
+            self.set_host_weights([np.array(s.weight, dtype=np.float32) for s in segments])
         else:
             self.kernel = None
             self.linears = [_linear(s.weight, dtype) for s in segments]
@@ -163,8 +178,14 @@ class ProjectionGroup:
         """Run as MLX ops from now on (a model that is not all on the host is traced by mx.compile)."""
         if self.host_weights is not None:
             self.linears = [_linear(w, self.dtype) for w in self.host_weights]
-            self.host_weights = None
+            self.host_weights = self._host_segments = None
             mx.eval([vars(layer) for layer in self.linears])
+
+    def set_host_weights(self, weights: list[np.ndarray]) -> None:
+        """Run in numpy (`host`) on these float32 (rows, K) weights, one per segment."""
+        self.host_weights = weights
+        self._host_segments = [(w.T, slice(xb, xb + k), slice(yb, yb + rows), act) for w, (rows, k), act, xb, yb
+                               in zip(weights, self.shapes, self.acts, self.x_bases, self.y_bases)]
 
     @property
     def on_host(self) -> bool:
@@ -225,6 +246,12 @@ class ProjectionGroup:
         """`group(x, nt)` in numpy (OpenBLAS) on float32 arrays, for the CPU path (on_host)."""
         flat = x.reshape(-1)
         out = np.empty(nt * self.rows, np.float32)
+        if nt == 1:  # decode: _host_matmul's mat-vecs (the same bits) on 1-D views, fewer Python steps
+            for w_t, xs, ys, act in self._host_segments:
+                np.matmul(flat[xs], w_t, out=out[ys])
+                if act != "none":
+                    _activate_host(out[ys], act)
+            return out
         for w, (rows, k), act, x_base, y_base in zip(self.host_weights, self.shapes, self.acts,
                                                      self.x_bases, self.y_bases):
             y = out[nt * y_base: nt * (y_base + rows)].reshape(nt, rows)

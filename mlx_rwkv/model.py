@@ -23,10 +23,10 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
-from .matvec import ProjectionGroup
+from .matvec import ProjectionGroup, pack_host_weights
 from .norm_mix import layer_norm_host, norm_mix_host
 from .state import State
-from .wkv import wkv7_host, wkv7_lora
+from .wkv import host_params, wkv7_host, wkv7_lora
 
 # Row order of the token-shift mix vectors: the inputs of r, k, v, then of the four LoRAs
 # (w, a, v, g); x_v appears twice because both paths read it.
@@ -51,6 +51,24 @@ class Layer:
         return self.att_in, self.lora_up, self.att_out, self.ffn_key, self.ffn_value
 
 
+@dataclass
+class HostLayer:
+    """A layer's vectors as float32 numpy arrays, read once for the CPU path (`RWKV7._run_host`)."""
+
+    ln1: tuple[np.ndarray, np.ndarray]
+    ln2: tuple[np.ndarray, np.ndarray]
+    att_mix: np.ndarray
+    ffn_mix: np.ndarray
+    wkv_params: dict[str, np.ndarray]  # wkv.host_params
+
+    @classmethod
+    def of(cls, layer: Layer, config: ModelConfig) -> "HostLayer":
+        f32 = lambda a: np.array(a, np.float32)  # noqa: E731
+        return cls((f32(layer.ln1[0]), f32(layer.ln1[1])), (f32(layer.ln2[0]), f32(layer.ln2[1])),
+                   f32(layer.att_mix), f32(layer.ffn_mix),
+                   host_params(layer.wkv_params, config.n_head, config.head_size))
+
+
 class RWKV7:
     """An x070 model in MLX. `forward` runs prefill or decode; state lives in `State`."""
 
@@ -65,7 +83,11 @@ class RWKV7:
         # CPU, float32: the forward pass runs in numpy (_run_host), which mx.compile cannot trace
         groups = [head, *(g for layer in self.layers for g in layer.groups())]
         self.on_host = all(g.on_host for g in groups)
-        if not self.on_host:  # e.g. Q4_K on the CPU: the float32 LoRA groups must be MLX ops too
+        if self.on_host:  # for _run_host: the projection weights in one buffer, the vectors as numpy arrays
+            pack_host_weights(groups)
+            self.host_layers = [HostLayer.of(layer, config) for layer in self.layers]
+            self.host_ln_out = tuple(np.array(a, np.float32) for a in ln_out)
+        else:  # e.g. Q4_K on the CPU: the float32 LoRA groups must be MLX ops too
             for g in groups:
                 g.to_mlx()
         self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
@@ -102,7 +124,9 @@ class RWKV7:
         return (logits if batched else logits[0]), state
 
     def step(self, tokens: mx.array, state: State) -> tuple[mx.array, State]:
-        """One decode step for (B,) token ids (compiled): logits (B, V) and the new state."""
+        """One decode step for (B,) token ids (compiled; numpy on the CPU path): logits (B, V) and the new state."""
+        if self.on_host:  # no MLX op before or after the numpy pass: each evaluation costs thread switches
+            return self._run_host(np.asarray(tokens), state, all_logits=True)
         logits, att_x, wkv, ffn_x = self._compiled_step(tokens, state.att_x, state.wkv, state.ffn_x)
         return logits, State(att_x, wkv, ffn_x)
 
@@ -135,34 +159,37 @@ class RWKV7:
         logits = self.head(x, x.shape[0] * x.shape[1])
         return logits.reshape(*x.shape[:2], -1), State(att_x, wkv, ffn_x)
 
-    def _run_host(self, ids: mx.array, state: State, all_logits: bool) -> tuple[mx.array, State]:
-        """`_run` in float32 numpy (the CPU path): the same ops, MLX arrays only in and out."""
+    def _run_host(self, ids: mx.array | np.ndarray, state: State, all_logits: bool) -> tuple[mx.array, State]:
+        """`_run` in float32 numpy (the CPU path): the same ops, MLX arrays only in and out.
+        ids (B, T) -> logits (B, T, V) as `_run`; ids (B,), one decode step -> logits (B, V)."""
+        mx.eval(ids, state.arrays())  # one round trip (a new state's zeros are lazy); numpy ids pass through
+        one_step = ids.ndim == 1
+        ids = np.asarray(ids).reshape(ids.shape[0], -1)
         B, T = ids.shape
         nt, C = B * T, self.config.n_embd
-        mx.eval(ids, state.arrays())  # one round trip (a new state's zeros are lazy)
-        x, dx = np.asarray(self.emb)[np.asarray(ids)], None  # (B, T, C)
+        x, dx = np.asarray(self.emb)[ids], None  # (B, T, C)
         att_x, wkv, ffn_x = [], [], []
         v_first = None
-        for i, layer in enumerate(self.layers):
-            x, h, xs = norm_mix_host(x, dx, layer.ln1, np.asarray(state.att_x[i]), layer.att_mix)
+        for i, (layer, hl) in enumerate(zip(self.layers, self.host_layers)):
+            x, h, xs = norm_mix_host(x, dx, hl.ln1, np.asarray(state.att_x[i]), hl.att_mix)
             proj = layer.att_in.host(xs, nt)
-            r, k, v = layer.att_in.split(proj, nt)[:3]
-            lw, la, lv, g = layer.lora_up.split(layer.lora_up.host(proj, nt), nt)
-            r, k, v, g, lw, la, lv = (t.reshape(B, T, C) for t in (r, k, v, g, lw, la, lv))
-            y, s = wkv7_host(r, k, v, g, lw, la, lv, v_first, layer.wkv_params, np.asarray(state.wkv[i]))
+            r, k, v = proj[: 3 * nt * C].reshape(3, B, T, C)  # att_in's first three segments
+            lora = layer.lora_up.host(proj, nt)  # lw, la, lv, g
+            y, s = wkv7_host(r, k, v, lora, v_first, hl.wkv_params, np.asarray(state.wkv[i]))
             v_first = v if v_first is None else v_first
             dx = layer.att_out.host(y, nt).reshape(B, T, C)
             att_x.append(h[:, -1, :])
             wkv.append(s)
-            x, h, xk = norm_mix_host(x, dx, layer.ln2, np.asarray(state.ffn_x[i]), layer.ffn_mix)
+            x, h, xk = norm_mix_host(x, dx, hl.ln2, np.asarray(state.ffn_x[i]), hl.ffn_mix)
             dx = layer.ffn_value.host(layer.ffn_key.host(xk, nt), nt).reshape(B, T, C)
             ffn_x.append(h[:, -1, :])
-        x = layer_norm_host(x + dx if all_logits else x[:, -1:] + dx[:, -1:], *self.ln_out)
+        x = layer_norm_host(x + dx if all_logits else x[:, -1:] + dx[:, -1:], *self.host_ln_out)
         head = lambda h: self.head.host(h, h.shape[0] * h.shape[1]).reshape(*h.shape[:2], -1)  # noqa: E731
         # a row's bits depend on whether its call is a few mat-vecs or row blocks (_host_matmul):
         # the last token gets its own call, as without all_logits, so that both give the same bits
         logits = np.concatenate([head(x[:, :-1]), head(x[:, -1:])], axis=1) if x.shape[1] > 1 else head(x)
-        return mx.array(logits), State(*([mx.array(a) for a in part] for part in (att_x, wkv, ffn_x)))
+        logits = mx.array(logits[:, 0] if one_step else logits)
+        return logits, State(*([mx.array(a) for a in part] for part in (att_x, wkv, ffn_x)))
 
     def _time_mix(self, layer: Layer, proj: mx.array, s: mx.array, v_first: mx.array | None,
                   bt: tuple[int, int]) -> tuple[mx.array, mx.array, mx.array]:

@@ -40,21 +40,23 @@ def norm_mix(x: mx.array, dx: mx.array | None, ln: tuple[mx.array, mx.array], x_
     return x, h, xs.reshape(M, B * T, C)
 
 
-def norm_mix_host(x: np.ndarray, dx: np.ndarray | None, ln: tuple[mx.array, mx.array], x_prev: np.ndarray,
-                  mix: mx.array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`norm_mix` on float32 numpy arrays (the weights may be MLX arrays): x, h, xs (M, B*T, C)."""
+def norm_mix_host(x: np.ndarray, dx: np.ndarray | None, ln: tuple[np.ndarray, np.ndarray], x_prev: np.ndarray,
+                  mix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`norm_mix` on float32 numpy arrays: x, h, xs (M, B*T, C)."""
     B, T, C = x.shape
     x = x if dx is None else x + dx
     h = layer_norm_host(x, *ln)
     shifted = np.concatenate([x_prev[:, None, :], h[:, :-1, :]], axis=1) if T > 1 else x_prev[:, None, :]
-    xs = (shifted - h) * np.asarray(mix)[:, None, None, :]  # (M, B, T, C)
+    xs = (shifted - h) * mix[:, None, None, :]  # (M, B, T, C)
     xs += h
     return x, h, xs.reshape(-1, B * T, C)
 
 
-def layer_norm_host(x: np.ndarray, w: mx.array, b: mx.array, eps: float = 1e-5) -> np.ndarray:
+def layer_norm_host(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     """LayerNorm over the last axis in numpy (float32)."""
     n = x.shape[-1]
-    centered = x - x.sum(axis=-1, keepdims=True) / n  # sums: np.mean's per-call overhead was ~5 us
-    var = np.square(centered).sum(axis=-1, keepdims=True) / n
-    return centered / np.sqrt(var + eps) * np.asarray(w) + np.asarray(b)
+    y = x - x.sum(axis=-1, keepdims=True) / n  # sums: np.mean's per-call overhead was ~5 us
+    y /= np.sqrt(np.square(y).sum(axis=-1, keepdims=True) / n + eps)
+    y *= w
+    y += b
+    return y

@@ -20,7 +20,7 @@ from mlx_rwkv.matvec import HOST_MATVEC_ROWS, HOST_ROWS, _host_matmul
 from mlx_rwkv.norm_mix import norm_mix, norm_mix_host
 from mlx_rwkv.quant import quantize_model
 from mlx_rwkv.synth import synthesize
-from mlx_rwkv.wkv import PARAM_NAMES, wkv7_host, wkv7_reference
+from mlx_rwkv.wkv import PARAM_NAMES, host_params, wkv7_host, wkv7_reference
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU path (MLX's default device is a GPU)")
 
@@ -43,6 +43,8 @@ def test_float32_takes_the_host_path_other_dtypes_the_mlx_ops(weights):
     config = SMALL_CONFIGS[NAME]
     f32, f16 = build_model(weights, config, "float32"), build_model(weights, config, "float16")
     assert f32.on_host and not f16.on_host
+    bases = [w.base for g in (f32.head, *(g for layer in f32.layers for g in layer.groups())) for w in g.host_weights]
+    assert bases[0] is not None and all(b is bases[0] for b in bases)  # one buffer (pack_host_weights)
     assert f32._compiled_step == f32._step_arrays  # numpy cannot be traced: no mx.compile
     assert f16._compiled_step != f16._step_arrays
 
@@ -95,7 +97,8 @@ def test_wkv7_host_equals_reference(first_layer, B, T):
     state = rng.standard_normal((B, H, N, N)).astype(np.float32)
     v_first = None if first_layer else acts[7]
     state_before = state.copy()
-    y, s = wkv7_host(*acts[:7], v_first, params, state)
+    r, k, v, g, lw, la, lv = acts[:7]
+    y, s = wkv7_host(r, k, v, np.stack([lw, la, lv, g]), v_first, host_params(params, H, N), state)
     mxa = [mx.array(a) for a in acts]
     y_ref, s_ref = wkv7_reference(*mxa[:7], None if first_layer else mxa[7],
                                   {n: mx.array(p) for n, p in params.items()}, mx.array(state))
@@ -112,7 +115,7 @@ def test_norm_mix_host_equals_mlx(first_layer):
     ln = (mx.array(rng.standard_normal(C).astype(np.float32)), mx.array(rng.standard_normal(C).astype(np.float32)))
     mix = mx.array(rng.uniform(0, 1, (M, C)).astype(np.float32))
     dx = None if first_layer else dx
-    got = norm_mix_host(x, dx, ln, x_prev, mix)
+    got = norm_mix_host(x, dx, (np.asarray(ln[0]), np.asarray(ln[1])), x_prev, np.asarray(mix))
     want = norm_mix(mx.array(x), None if dx is None else mx.array(dx), ln, mx.array(x_prev), mix)
     for g, w in zip(got, want, strict=True):
         assert g.shape == tuple(w.shape) and rel(g, w) < TOL
