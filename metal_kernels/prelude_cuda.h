@@ -17,6 +17,9 @@ DEVICE_FN float rwkv_warp_sum(float v) {
 #define MAKE_FLOAT4(x, y, z, w) make_float4((x), (y), (z), (w))
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const uint4*)(ptr)))
+// The same from shared memory, and a pointer type into it (SHARED declares, this points)
+#define LOAD_SHARED_U4(ptr) (*((const uint4*)(ptr)))
+#define SHARED_PTR(T) T*
 #define AS_FLOAT(u) __uint_as_float(u)
 #define AS_UINT(f) __float_as_uint(f)
 // Raw 16-byte stores, and the fp16 bits of a float (round to nearest even) in the low half

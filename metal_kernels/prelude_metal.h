@@ -10,6 +10,9 @@
 #define MAKE_FLOAT4(x, y, z, w) float4((x), (y), (z), (w))
 // Raw 16-byte loads and bit reinterpretations for kernels that read weights as 32-bit words.
 #define LOAD_U4(ptr) (*((const device uint4*)(ptr)))
+// The same from threadgroup memory, and a pointer type into it (SHARED declares, this points)
+#define LOAD_SHARED_U4(ptr) (*((const threadgroup uint4*)(ptr)))
+#define SHARED_PTR(T) threadgroup T*
 #define AS_FLOAT(u) as_type<float>(uint(u))
 #define AS_UINT(f) as_type<uint>(float(f))
 // Raw 16-byte stores, and the fp16 bits of a float (round to nearest even) in the low half

@@ -104,7 +104,7 @@ struct EmuGroupPosition { uint x, y, z; };
 #define device
 #define constant
 #define thread
-#define threadgroup static __attribute__((section("emu_tg"), aligned(16)))
+#define threadgroup
 extern "C" char __start_emu_tg[] __attribute__((weak));
 extern "C" char __stop_emu_tg[] __attribute__((weak));
 enum class mem_flags { mem_none, mem_device, mem_threadgroup };
@@ -128,6 +128,13 @@ static float simd_shuffle_xor(float v, ushort mask) {
   emu_warps[w].wait();
   return got;
 }
+"""
+
+# after the prelude: SHARED (Metal: threadgroup) declares a variable in that section; `threadgroup`
+# alone (pointer types into it, SHARED_PTR) is the plain address space
+SHARED_ON_CPU = """
+#undef SHARED
+#define SHARED static __attribute__((section("emu_tg"), aligned(16)))
 """
 
 RUNNER = r"""
@@ -218,7 +225,7 @@ class EmulatedKernel:
             params.append(f"{C_TYPES[dt]}* {name}")
             call.append(f"({C_TYPES[dt]}*)args[{len(inputs) + i}]")
         header, body = kernels.render(self.spec, "metal")
-        source = (METAL_ON_CPU + header + "\n" + "\n".join(lines) + RUNNER.format(
+        source = (METAL_ON_CPU + header + SHARED_ON_CPU + "\n".join(lines) + RUNNER.format(
             params=", ".join(params), call=", ".join(call), source=body))
         lib = _library(source)
         threads = threadgroup[0]
