@@ -44,9 +44,19 @@ def table(header: list[str], rows: list[list[str]]) -> str:
                      + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _decode(doc: Doc, context: int | None = 0) -> list[dict]:
+def _decode(doc: Doc, context: int | None = 0, batch: int | None = 1) -> list[dict]:
     return [r for r in doc["records"] if r.get("mode") == "decode" and "tok_s" in r
-            and (context is None or (r.get("context") or 0) == context)]
+            and (context is None or (r.get("context") or 0) == context)
+            and (batch is None or r.get("batch", 1) == batch)]
+
+
+def _rate(r: dict) -> str:
+    """A record's tok/s; marked (x)* when it carries a note (printed under the table)."""
+    return f"({_num(r['tok_s'])})*" if r.get("note") else _num(r["tok_s"])
+
+
+def _with_notes(text: str, rows: list[dict]) -> str:
+    return text + "".join(f"\n\n\\* {note}" for note in sorted({r["note"] for r in rows if r.get("note")}))
 
 
 def _model_key(r: dict) -> tuple:
@@ -62,19 +72,20 @@ def sync_table(doc: Doc) -> str | None:
     """Every strategy of each model measured with several, with its rate against the best."""
     rows = [r for r in _decode(doc) if r["strategy"] in STRATEGIES]
     models = sorted({_model_key(r) for r in rows})
-    out = []
+    out, shown = [], []
     for model in models:
         mine = sorted((r for r in rows if _model_key(r) == model), key=lambda r: STRATEGIES.index(r["strategy"]))
         if len({r["strategy"] for r in mine}) < 2:
             continue
         best = max(r["tok_s"] for r in mine)
-        out += [[r["shape"], r["precision"], r["strategy"], r["engine"], _num(r["tok_s"]),
+        shown += mine
+        out += [[r["shape"], r["precision"], r["strategy"], r["engine"], _rate(r),
                  f"{r['tok_s'] / best:.2f}", _num(r.get("syncs_per_token"), "{:g}"),
                  _num(r.get("kernels_per_token"), "{:g}")] for r in mine]
     if not out:
         return None
-    return table(["shape", "precision", "strategy", "engine", "decode tok/s", "vs best", "syncs/token",
-                  "kernels/token"], out)
+    return _with_notes(table(["shape", "precision", "strategy", "engine", "decode tok/s", "vs best", "syncs/token",
+                              "kernels/token"], out), shown)
 
 
 def size_table(doc: Doc) -> str | None:
@@ -92,10 +103,26 @@ def size_table(doc: Doc) -> str | None:
     for key in sorted(best):
         r = best[key]
         gb_s = r["tok_s"] * weight_bytes_per_token(config_for_shape(r["shape"]), r["precision"]) / 1e9
-        rows.append([r["shape"], r["precision"], r["engine"], r["strategy"], _num(r["tok_s"]), _num(gb_s, "{:,.0f}"),
+        rows.append([r["shape"], r["precision"], r["engine"], r["strategy"], _rate(r), _num(gb_s, "{:,.0f}"),
                      _num(r.get("roofline_fraction"), "{:.1%}"), _num(r.get("peak_memory_mb"), "{:,.0f}")])
-    return table(["shape", "precision", "engine", "strategy", "decode tok/s", "weights GB/s", "of copy bandwidth",
-                  "peak MB"], rows)
+    return _with_notes(table(["shape", "precision", "engine", "strategy", "decode tok/s", "weights GB/s",
+                              "of copy bandwidth", "peak MB"], rows), list(best.values()))
+
+
+def batch_table(doc: Doc) -> str | None:
+    """Aggregate decode tok/s of B sequences at once, against B = 1 of the same model and strategy."""
+    series: dict[tuple, dict[int, dict]] = {}
+    for r in _decode(doc, 0, None):
+        if r["engine"] == "mlx":
+            series.setdefault((*_model_key(r), r["strategy"]), {})[r.get("batch", 1)] = r
+    series = {k: v for k, v in series.items() if len(v) > 1 and 1 in v}
+    if not series:
+        return None
+    rows = [[key[1], key[2], key[3], str(b), _rate(r), f"{r['tok_s'] / by_batch[1]['tok_s']:.1f}x",
+             _num(r.get("kernels_per_token"), "{:g}")]
+            for key, by_batch in sorted(series.items()) for b, r in sorted(by_batch.items())]
+    return _with_notes(table(["shape", "precision", "strategy", "batch", "decode tok/s (all sequences)", "vs batch 1",
+                              "kernels/token"], rows), [r for v in series.values() for r in v.values()])
 
 
 def context_table(doc: Doc) -> str | None:
@@ -118,12 +145,9 @@ def prefill_table(doc: Doc) -> str | None:
                    and "tok_s" in r), key=lambda r: (_model_key(r), r["tokens"]))
     if not rows:
         return None
-    notes = sorted({r["note"] for r in rows if r.get("note")})
-    text = table(["shape", "precision", "prompt tokens", "chunk", "prefill tok/s", "peak MB"],
-                 [[r["shape"], r["precision"], _tokens(r["tokens"]), str(r.get("chunk_size", "")),
-                   f"({_num(r['tok_s'])})*" if r.get("note") else _num(r["tok_s"]),
-                   _num(r.get("peak_memory_mb"), "{:,.0f}")] for r in rows])
-    return text + "".join(f"\n\n\\* {note}" for note in notes)
+    return _with_notes(table(["shape", "precision", "prompt tokens", "chunk", "prefill tok/s", "peak MB"],
+                             [[r["shape"], r["precision"], _tokens(r["tokens"]), str(r.get("chunk_size", "")), _rate(r),
+                               _num(r.get("peak_memory_mb"), "{:,.0f}")] for r in rows]), rows)
 
 
 def _tokens(n: int) -> str:
@@ -134,6 +158,8 @@ SECTIONS: list[tuple[str, str, Callable[[Doc], str | None], str | None]] = [
     ("The sync experiment", "Decode (batch 1) of one model with each sync strategy, same weights and tokens.",
      sync_table, "sync"),
     ("Model size", "Best decode strategy per engine and precision; peak memory is MLX's.", size_table, "size"),
+    ("Batched decode", "B sequences decoded at once through the same kernels (the server's step).",
+     batch_table, None),
     ("Context length", "Decode after prefilling N tokens: the state is constant in size.", context_table, "context"),
     ("Prefill and memory", "Prefill from a zero state in chunks; peak memory is MLX's whole process.",
      prefill_table, None),

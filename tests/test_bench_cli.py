@@ -212,3 +212,20 @@ def test_batched_decode_records(tmp_path, capsys):
     batched = [r for r in records if r["batch"] == 3]
     assert len(batched) == 1 and batched[0]["mode"] == "decode" and batched[0]["tok_s"] > 0
     assert "--batches 3" in only_file(tmp_path)["command"]
+
+
+def test_readme_batch_table_and_notes():
+    """The batched table: aggregate tok/s per batch against batch 1; a record's note marks its rate
+    and is printed under the table; batched records stay out of the batch-1 tables."""
+    from mlx_rwkv.bench_records import record
+
+    def rec(batch, rate, **extra):
+        return record("mlx", "1.5B", "q4k", "decode", "compiled", batch=batch, tokens=8, rates=[rate], context=0,
+                      **extra)
+
+    doc = {"records": [rec(1, 100.0), rec(32, 1000.0, note="a caveat"),
+                       record("webgpu", "1.5B", "q4k", "decode", "webgpu-one-submit", tokens=8, rates=[90.0])]}
+    text = render_readme.batch_table(doc)
+    assert "| 1.5B | q4k | compiled | 32 | (1,000.0)* | 10.0x |" in text and text.endswith("\\* a caveat")
+    sync = render_readme.sync_table(doc)
+    assert "1,000.0" not in sync and "| 1.5B | q4k | compiled | mlx | 100.0 | 1.00 |" in sync
