@@ -42,6 +42,57 @@ def test_norm_mix(dtype, B, T, C, M):
         close(g, w, 4 * TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("q4k", [False, True])
+@pytest.mark.parametrize("B,T,with_dx", [(1, 1, True), (3, 1, True), (2, 1, False), (1, 2, True), (12, 1, True),
+                                         (16, 1, True)])
+def test_matvec_after_norm(dtype, q4k, B, T, with_dx):
+    """after_norm = norm_mix, then the group on mix row x_base / C: one launch in decode (the
+    prologue; bit-identical norm), two otherwise: T > 1, more rows than one tile (12, 16), or
+    more than the prologue's threadgroup memory (B = 16 rows of C = 512 in float32)."""
+    C, M = 512, 3
+    segments, _ = _segments([(40, C), (8, C), (24, C)], ["none", "tanh", "relu2"], q4k, [0, 2 * C, C])
+    x, dx, x_prev = arr(B, T, C, dtype=dtype), arr(B, T, C, dtype=dtype) if with_dx else None, arr(B, C, dtype=dtype)
+    ln, mix = (arr(C, dtype=dtype), arr(C, dtype=dtype)), arr(M, C, dtype=dtype)
+    with emulated_kernels() as launched:
+        group = ProjectionGroup(segments, dtype)
+        want_x, want_h, xs = norm_mix(x, dx, ln, x_prev, mix)
+        want = group(xs, B * T)
+        del launched[:]
+        got_x, got_h, got = group.after_norm(x, dx, ln, x_prev, mix)
+    fused = T == 1 and B <= 8 and B * C * dtype.size <= 16384
+    assert launched == (["matvec_norm"] if fused else ["norm_mix", "matvec"] if with_dx else ["matvec"])
+    for g, w in ((got_x, want_x), (got_h, want_h), (got, want)):
+        if fused and with_dx:  # norm_mix.inc's operations in the same order
+            np.testing.assert_array_equal(np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32)))
+        else:  # without dx norm_mix runs MLX's layer_norm
+            close(g, w, 0 if not fused else 4 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("B,first", [(1, True), (3, False)])
+def test_wkv7_lora(dtype, B, first):
+    """wkv7_lora's one launch (the LoRA up-projections inside) = the lora_up group, then wkv7."""
+    H, N = 2, 64
+    C = H * N
+    ranks = [32, 24, 16, 64]  # w, a, v, g; the hiddens start after r, k, v in the flat input
+    bases = list(3 * C + np.cumsum([0] + ranks[:-1]))
+    hid = arr(B * (3 * C + sum(ranks)), dtype=dtype)
+    (r, k, v, *_), params, state = random_inputs(B, 1, H, N, dtype, seed=B)
+    v_first = None if first else arr(B, 1, C, dtype=dtype)
+    segments = [Segment(RNG.standard_normal((C, rank)).astype(np.float32) / 4, x_base=int(base))
+                for rank, base in zip(ranks, bases)]
+    with emulated_kernels() as launched:
+        up = ProjectionGroup(segments, dtype)
+        lw, la, lv, g = (t.reshape(B, 1, C) for t in up.split(up(hid, B), B))
+        y_want, s_want = wkv7(r, k, v, g, lw, la, lv, v_first, params, state)
+        del launched[:]
+        y, s = wkv.wkv7_lora(r, k, v, hid, up, v_first, params, state)
+    assert set(launched) == {"wkv7_lora"}  # (the first call also probes the 512-thread threadgroup)
+    close(s, s_want, 1e-4)
+    close(y, y_want, {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}[dtype])  # LoRA sums: own order
+
+
 # T <= 4: the fused decode kernel; longer: scan + finish, with a partial last stage (21 = 8 + 8
 # + 5: a pair without its second token; 38 = 4 x 8 + 6); N = 32: one float4 per lane, four tokens
 # per preparation pass, two threadgroups per head; N = 128: no scan kernel, prefill on MLX ops
