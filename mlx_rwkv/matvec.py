@@ -119,13 +119,20 @@ def _host_matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
             out[start:] = (padded @ w.T)[: len(block)]
 
 
+def sigmoid_host(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) in numpy, in place (no temporaries: each new array is cold memory)."""
+    with np.errstate(over="ignore"):  # exp(-x) -> inf gives the right limit, 0
+        np.exp(np.negative(x, out=x), out=x)
+    x += 1
+    return np.reciprocal(x, out=x)
+
+
 def _activate_host(y: np.ndarray, act: str) -> None:
     """`_activate` in numpy, in place."""
     if act == "tanh":
         np.tanh(y, out=y)
     elif act == "sigmoid":
-        with np.errstate(over="ignore"):  # exp(-y) -> inf gives the right limit, 0
-            np.reciprocal(1 + np.exp(-y), out=y)
+        sigmoid_host(y)
     elif act == "relu2":
         np.maximum(y, 0, out=y)
         np.square(y, out=y)
@@ -154,6 +161,7 @@ class ProjectionGroup:
         self.acts = [s.act for s in segments]
         self.x_bases = [s.x_base for s in segments]
         self.y_bases = list(np.cumsum([0] + [rows for rows, _ in self.shapes[:-1]]))
+        self.rows = sum(rows for rows, _ in self.shapes)  # output rows of all segments
         self.dtype = dtype
         self.has_q4k = any(isinstance(s.weight, Q4KTensor) for s in segments)
         self.kernel = get_kernel(MATVEC)
@@ -184,17 +192,13 @@ class ProjectionGroup:
     def set_host_weights(self, weights: list[np.ndarray]) -> None:
         """Run in numpy (`host`) on these float32 (rows, K) weights, one per segment."""
         self.host_weights = weights
-        self._host_segments = [(w.T, slice(xb, xb + k), slice(yb, yb + rows), act) for w, (rows, k), act, xb, yb
+        self._host_segments = [(w, slice(xb, xb + k), slice(yb, yb + rows), act) for w, (rows, k), act, xb, yb
                                in zip(weights, self.shapes, self.acts, self.x_bases, self.y_bases)]
 
     @property
     def on_host(self) -> bool:
         """Whether this group runs in numpy (`host`): dense float32 weights on the CPU."""
         return self.host_weights is not None
-
-    @property
-    def rows(self) -> int:
-        return sum(rows for rows, _ in self.shapes)
 
     def __call__(self, x: mx.array, nt: int) -> mx.array:
         """All segments for nt activation rows: flat (nt * rows,) in the activation dtype."""
@@ -247,8 +251,8 @@ class ProjectionGroup:
         flat = x.reshape(-1)
         out = np.empty(nt * self.rows, np.float32)
         if nt == 1:  # decode: _host_matmul's mat-vecs (the same bits) on 1-D views, fewer Python steps
-            for w_t, xs, ys, act in self._host_segments:
-                np.matmul(flat[xs], w_t, out=out[ys])
+            for w, xs, ys, act in self._host_segments:  # np.dot: ~0.25 us less per call than np.matmul
+                np.dot(w, flat[xs], out=out[ys])
                 if act != "none":
                     _activate_host(out[ys], act)
             return out

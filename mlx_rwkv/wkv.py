@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .kernels import SAFE_THREADS, KernelSpec, get_kernel, int_params, threadgroup_fits
-from .matvec import ProjectionGroup, weight_format
+from .matvec import ProjectionGroup, sigmoid_host, weight_format
 
 PARAM_NAMES = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_w", "ln_b")
 WKV7_FUSED = KernelSpec(
@@ -246,7 +246,7 @@ def wkv7_host(r: np.ndarray, k: np.ndarray, v: np.ndarray, lora: np.ndarray, v_f
     _, H, N, _ = state.shape
     r, k, v = (t.reshape(B, T, H, N) for t in (r, k, v))
     lora = lora.reshape(4, B, T, H, N)
-    z = _sigmoid(lora[:3] + p["wav0"])  # sigmoid(w0 + lw), a = sigmoid(a0 + la), sigmoid(v0 + lv)
+    z = sigmoid_host(lora[:3] + p["wav0"])  # sigmoid(w0 + lw), a = sigmoid(a0 + la), sigmoid(v0 + lv)
     w, a = np.exp(-DECAY_SCALE * z[0]), z[1]
     if v_first is not None:  # value residual toward layer 0's v
         v = v + (v_first.reshape(B, T, H, N) - v) * z[2]
@@ -262,14 +262,6 @@ def wkv7_host(r: np.ndarray, k: np.ndarray, v: np.ndarray, lora: np.ndarray, v_f
     y += (r * k * p["r_k"]).sum(axis=-1, keepdims=True) * v  # bonus
     y *= lora[3]  # gate
     return y.reshape(B, T, C), state
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)), in place."""
-    with np.errstate(over="ignore"):  # exp(-x) -> inf gives the right limit, 0
-        np.exp(np.negative(x, out=x), out=x)
-    x += 1
-    return np.divide(1, x, out=x)
 
 
 def host_recurrence(r, w, a, v, b_k, S) -> tuple[np.ndarray, np.ndarray]:
