@@ -226,8 +226,10 @@ class ProjectionGroup:
         B, T, C = x.shape
         nt = B * T
         norm_kernel = get_kernel(MATVEC_NORM) if self.kernel is not None else None
+        # the prologue fills one tile with rows of C values: every segment must read whole rows
+        # (K = C; another K read past the row, and past the threadgroup memory for K > C)
         if norm_kernel is None or T != 1 or nt > TILE_ROWS or nt * C * x.dtype.size > NORM_TILE_BYTES \
-                or any(base % C for base in self.x_bases):  # the prologue fills one tile
+                or any(k != C or base % C for (_, k), base in zip(self.shapes, self.x_bases)):
             x, h, xs = norm_mix(x, dx, ln, x_prev, mix)
             return x, h, self(xs, nt)
         template = kernel_template(x.dtype, self.dtype, nt, len(self.shapes), self.has_q4k, WARPS)

@@ -69,6 +69,24 @@ def test_matvec_after_norm(dtype, q4k, B, T, with_dx):
             close(g, w, 0 if not fused else 4 * TOL[dtype])
 
 
+@pytest.mark.parametrize("shapes,bases", [([(16, 512)], [0]), ([(16, 128)], [256]), ([(8, 256), (16, 512)], [0, 256])])
+def test_matvec_after_norm_needs_rows_of_width_c(shapes, bases):
+    """The prologue holds each activation row's C values of one mix row: a segment whose K is not
+    C (reading past the row: beyond the prologue's threadgroup memory for K > C) runs as
+    norm_mix + the group, whose results after_norm must give."""
+    C, M, B = 256, 3, 2
+    segments, _ = _segments(shapes, ["none"] * len(shapes), False, bases)
+    x, dx, x_prev = arr(B, 1, C), arr(B, 1, C), arr(B, C)
+    ln, mix = (arr(C), arr(C)), arr(M, C)
+    with emulated_kernels() as launched:
+        group = ProjectionGroup(segments, mx.float32)
+        want = group(norm_mix(x, dx, ln, x_prev, mix)[2], B)
+        del launched[:]
+        got = group.after_norm(x, dx, ln, x_prev, mix)[2]
+    assert launched == ["norm_mix", "matvec"]
+    close(got, want, 0)
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("B,first", [(1, True), (3, False)])
 def test_wkv7_lora(dtype, B, first):
