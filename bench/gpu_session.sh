@@ -111,7 +111,9 @@ for step in "$@"; do
     # python -m mlx_rwkv.bench_plots bench/results/<device>-<date>.json
     bench-plots) run bench_plots 60 python3 -m mlx_rwkv.bench_plots bench/results --force
                cp bench/results/*.png "$out/" 2>/dev/null ;;
-    # issue 16: the server at 1/8/32/64 streams and a cached chat follow-up vs uncached (plot if matplotlib)
+    # issue 16: the server at 1/8/32/64 streams and a cached chat follow-up vs uncached (plot if matplotlib);
+    # the host lacks the server's packages: build the bundle with
+    # EXTRA_PACKAGES="starlette uvicorn h11 click anyio idna typing_extensions sniffio" ../shared/tools/gpu-bundle
     bench-serve) run bench_serve 300 python3 -m bench.bench_serve --shape 1.5B --precisions f16 q4k --write --force \
                $(python3 -c 'import matplotlib' 2>/dev/null && echo --plot)
                cp bench/results/*-serve.png "$out/" 2>/dev/null ;;
