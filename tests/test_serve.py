@@ -441,6 +441,37 @@ def test_a_request_that_raises_fails_alone(model, tokenizer, monkeypatch):
         assert all(r["usage"]["completion_tokens"] == 6 for r in results)
 
 
+def test_a_prefill_that_fails_at_its_wait_caches_nothing(weights, tokenizer, monkeypatch):
+    """A prompt's segments run lazily up to one wait (on a GPU; here a float16 model, which runs
+    as lazy MLX ops on the CPU too); when that wait fails, none of the states it would have
+    reached enters the prefix cache (they were never computed), and the same request then succeeds."""
+    model = build_model(weights, CONFIG, "float16")
+    assert not model.on_host
+    bad = tokenizer.encode("a poisoned prompt")
+    forward, evaluate, armed = model.forward, mx.eval, []
+
+    def arming(tokens, state=None, **kw):
+        if list(tokens) == bad:
+            armed.append(True)
+        return forward(tokens, state, **kw)
+
+    def failing_eval(*args):
+        if armed:
+            armed.clear()
+            raise RuntimeError("planted evaluation fault")
+        return evaluate(*args)
+
+    with serving(model, tokenizer, cache_mb=64) as (port, engine):
+        monkeypatch.setattr(model, "forward", arming)
+        monkeypatch.setattr(mx, "eval", failing_eval)
+        status, err = post(port, "/v1/completions", {"model": MODEL_ID, "prompt": bad, "max_tokens": 4})
+        assert status == 500 and "planted evaluation fault" in err["error"]["message"]
+        assert engine.cache.lookup(bad).length == 0
+        monkeypatch.setattr(model, "forward", forward)
+        assert complete(port, bad, 4)["usage"]["completion_tokens"] == 4
+        assert engine.cache.lookup(bad).length == len(bad)
+
+
 def test_openai_client_chat_and_completions_stream_and_not(live):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{live[0]}/v1", api_key="unused", max_retries=0)

@@ -94,6 +94,7 @@ class _Seq:
     token: mx.array | None = None  # (1,) the last sampled token, to feed
     counts: mx.array | None = None  # (1, V) penalty counts, when the row uses penalties
     pending: str = ""
+    to_cache: list[tuple[int, State, mx.array]] = field(default_factory=list)  # computed, not yet waited for
     decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
@@ -214,14 +215,22 @@ class Engine:
             return 0
         end = min(len(prompt), seq.pos + budget, *(c for c in seq.req.cut_points if c > seq.pos))
         logits, seq.state = self.model.forward(list(prompt[seq.pos:end]), seq.state)
-        if end < len(prompt) and end == seq.pos + budget:  # the round ends mid-prompt: bound the graph
-            mx.eval(logits, seq.state.arrays())
-        # else lazy: the segments up to the prompt's end run back to back, one wait in _first_token
         n, seq.pos, seq.logits = end - seq.pos, end, logits
         self.prefilled_tokens += n
         if end == len(prompt) or end in seq.req.cut_points:
-            self.cache.insert(prompt[:end], seq.state, logits)
+            seq.to_cache.append((end, seq.state, logits))
+        if end < len(prompt) and n == budget:  # the round ends mid-prompt: bound the graph
+            self._settle(seq)
+        # else lazy: the segments up to the prompt's end run back to back, one wait in _first_token
         return n
+
+    def _settle(self, seq: _Seq, *extra: mx.array) -> None:
+        """Wait for `seq`'s prefill (and `extra`), then cache the states it reached at its cut
+        points: only computed states enter the cache, so a failed evaluation fails its request alone."""
+        mx.eval(*extra, seq.logits, seq.state.arrays(), [(state.arrays(), logits) for _, state, logits in seq.to_cache])
+        for end, state, logits in seq.to_cache:
+            self.cache.insert(seq.req.prompt[:end], state, logits)
+        seq.to_cache = []
 
     def _first_token(self, seq: _Seq) -> None:
         p = seq.req.params
@@ -229,7 +238,7 @@ class Engine:
         token, seq.counts = sample_rows(seq.logits[None], BatchParams([p]), mx.array([0], mx.uint32), counts,
                                         self._ban)
         seq.token = token
-        mx.eval(token, seq.state.arrays())  # the prompt's one wait (cached segment states included)
+        self._settle(seq, token)  # the prompt's one wait
         self._active.append(seq)  # before the first chunk reaches the client: it may look at stats()
         self._dirty = True
         reason = self._accept(seq, token.item())
