@@ -11,8 +11,9 @@ SEED_LIMIT = 2**64  # mx.random.key takes an unsigned 64-bit seed
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen.
+class SamplingFields:
+    """How the next token is chosen, unchecked (`SamplingParams` checks the ranges; the server's
+    `RowParams` gets them checked by its API layer).
 
     temperature 0 means greedy. top_k 0, top_p 1 and min_p 0 switch those filters off.
     Penalties follow the official RWKV pipeline: every generated token adds 1 to its count,
@@ -28,6 +29,15 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_decay: float = 0.996
 
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass(frozen=True)
+class SamplingParams(SamplingFields):
+    """`SamplingFields` with every range checked at construction (ValueError)."""
+
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
             if not math.isfinite(getattr(self, name)):
@@ -42,10 +52,6 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
         if not 0 < self.penalty_decay <= 1:
             raise ValueError(f"penalty_decay must be in (0, 1], got {self.penalty_decay}")
-
-    @property
-    def uses_penalties(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class Sampler:

@@ -234,7 +234,7 @@ class Engine:
 
     def _first_token(self, seq: _Seq) -> None:
         p = seq.req.params
-        counts = mx.zeros((1, self.model.config.vocab_size), mx.float32) if p.penalized else None
+        counts = mx.zeros((1, self.model.config.vocab_size), mx.float32) if p.uses_penalties else None
         token, seq.counts = sample_rows(seq.logits[None], BatchParams([p]), mx.array([0], mx.uint32), counts,
                                         self._ban)
         seq.token = token
@@ -354,7 +354,7 @@ class Engine:
                           for i in range(self.model.config.n_layer)])
         self._state = State(*parts)
         self._tokens = stack(self._tokens, [s.token for s in new], mx.zeros((1,), mx.int32))
-        if any(s.req.params.penalized for s in rows):
+        if any(s.req.params.uses_penalties for s in rows):
             zeros = mx.zeros((1, V), mx.float32)
             old_counts = self._counts if self._counts is not None else mx.zeros((len(self._batch_rows), V), mx.float32)
             self._counts = stack(old_counts if kept else None, [s.counts if s.counts is not None else zeros for s in new], zeros)

@@ -27,30 +27,22 @@ from typing import Sequence
 
 import mlx.core as mx
 
+from ..sampling import SamplingFields
+
 SEED_MASK = 2**64 - 1
 _GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive ids over the 32-bit range
 
 
 @dataclass(frozen=True)
-class RowParams:
-    """One request's sampling parameters, in the ranges the API layer (`protocol`) checks."""
+class RowParams(SamplingFields):
+    """One request's sampling parameters, in the ranges the API layer (`protocol`) checks, and
+    its seed."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_decay: float = 0.996
     seed: int = 0
 
     @property
     def filters(self) -> bool:
         return self.temperature > 0 and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
-
-    @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 class BatchParams:
@@ -66,7 +58,7 @@ class BatchParams:
         self.seed_lo = mx.array([s & 0xFFFFFFFF for s in seeds], mx.uint32)
         self.seed_hi = mx.array([s >> 32 for s in seeds], mx.uint32)
         self.filters = any(r.filters for r in rows)
-        self.penalized = any(r.penalized for r in rows)
+        self.penalized = any(r.uses_penalties for r in rows)
         self.sampled = any(r.temperature > 0 for r in rows)
 
 
