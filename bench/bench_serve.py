@@ -71,15 +71,14 @@ QUESTION = "And what comes next?"
 
 def serve_synthetic(config_json: str, precision: str, *serve_argv: str) -> None:
     """The child process (CHILD): `mlx-rwkv serve <serve_argv>` of synthetic weights."""
-    from mlx_rwkv.benchmark import MLX_DTYPES, synthetic_weights
-    from mlx_rwkv.loading import build_model, tokenizer_for
+    from mlx_rwkv.benchmark import synthetic_model
+    from mlx_rwkv.loading import tokenizer_for
     from mlx_rwkv.serve import add_serve_arguments, run_serve
 
     config = ModelConfig(**json.loads(config_json))
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    load = lambda _: (build_model(synthetic_weights(config, precision), config, MLX_DTYPES[precision]),  # noqa: E731
-                      tokenizer_for(config))
+    load = lambda _: (synthetic_model(config, precision), tokenizer_for(config))  # noqa: E731
     run_serve(parser.parse_args(serve_argv), load)
 
 

@@ -22,28 +22,23 @@ import argparse
 import csv
 import re
 import sys
+import time
 from collections import defaultdict
 
 import mlx.core as mx
 import numpy as np
 
-import time
-
-from mlx_rwkv.benchmark import MLX_DTYPES, synthetic_weights
-from mlx_rwkv.config import config_for_shape
-from mlx_rwkv.loading import build_model
-from mlx_rwkv.model import RWKV7
+from mlx_rwkv.benchmark import synthetic_model
+from mlx_rwkv.config import ModelConfig, config_for_shape
 
 
-def synthetic_model(shape: str, precision: str, layers: int | None) -> tuple[RWKV7, object]:
-    """The benchmark's synthetic model (random Q4_K blocks: seconds, not minutes of quantizing)."""
-    config = config_for_shape(shape, **({"n_layer": layers} if layers else {}))
-    return build_model(synthetic_weights(config, precision), config, MLX_DTYPES[precision]), config
+def _config(shape: str, layers: int | None) -> ModelConfig:
+    return config_for_shape(shape, **({"n_layer": layers} if layers else {}))
 
 
 def wall(shape: str, layers: int | None, precision: str, steps: int = 200) -> None:
     """Host time to issue a compiled decode step, and wall time per step with its wait."""
-    model, _ = synthetic_model(shape, precision, layers)
+    model = synthetic_model(_config(shape, layers), precision)
     state, token = model.new_state(), mx.zeros((1,), mx.int32)
     mx.eval(state.arrays(), token)
     issue, warmup = [], 10
@@ -62,7 +57,8 @@ def wall(shape: str, layers: int | None, precision: str, steps: int = 200) -> No
 
 
 def run(mode: str, shape: str, layers: int | None, precision: str, tokens: int) -> None:
-    model, config = synthetic_model(shape, precision, layers)
+    config = _config(shape, layers)
+    model = synthetic_model(config, precision)
     ids = mx.array(np.random.default_rng(0).integers(1, config.vocab_size, tokens), dtype=mx.int32)
     state = model.new_state()
     mx.eval(state.arrays())

@@ -108,6 +108,11 @@ def synthetic_weights(config: ModelConfig, precision: str, seed: int = 0) -> dic
     return weights
 
 
+def synthetic_model(config: ModelConfig, precision: str) -> RWKV7:
+    """An MLX model of `config` on `synthetic_weights` (seconds at any shape), in the precision's dtype."""
+    return build_model(synthetic_weights(config, precision), config, MLX_DTYPES[precision])
+
+
 def weight_bytes_per_token(config: ModelConfig, precision: str) -> float:
     """Bytes a decode step must read: every matrix once plus the head (one embedding row)."""
     C, F, L, V = config.n_embd, config.d_ffn, config.n_layer, config.vocab_size
