@@ -14,7 +14,7 @@ All keep the state and the decay in fp32.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -110,17 +110,10 @@ def _lora_fits(lora: Callable, dtype: mx.Dtype, lora_up: ProjectionGroup, params
 
 def _fused_lora(lora: Callable, r: mx.array, k: mx.array, v: mx.array, hid: mx.array, lora_up: ProjectionGroup,
                 v_first: mx.array | None, params: dict[str, mx.array], state: mx.array) -> tuple[mx.array, mx.array]:
-    B, T, C = r.shape
-    _, H, N, _ = state.shape
-    lpr, first = FUSED_LANES_PER_ROW, v_first is None
-    y, new_state = lora(
-        inputs=[r, k, v, v if first else v_first, hid, lora_up.wd, lora_up.table,
-                *(params[n] for n in PARAM_NAMES), state, int_params(T, B * T)],
-        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr),
-                  ("XFMT", weight_format(r.dtype)), ("WFMT", weight_format(lora_up.dtype))],
-        grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
-        output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
-    return y, new_state
+    B, T, _ = r.shape
+    front = [r, k, v, v if v_first is None else v_first, hid, lora_up.wd, lora_up.table]
+    return _launch_fused(lora, front, params, state, int_params(T, B * T), v_first is None, r.dtype,
+                         [("XFMT", weight_format(r.dtype)), ("WFMT", weight_format(lora_up.dtype))])
 
 
 def _fused_layout_fits(N: int) -> bool:
@@ -132,15 +125,23 @@ def _fused_layout_fits(N: int) -> bool:
 def _fused(fused: Callable, r: mx.array, k: mx.array, v: mx.array, g: mx.array, lw: mx.array, la: mx.array,
            lv: mx.array, v_first: mx.array | None, params: dict[str, mx.array],
            state: mx.array) -> tuple[mx.array, mx.array]:
-    B, T, C = r.shape
-    _, H, N, _ = state.shape
-    lpr, first = FUSED_LANES_PER_ROW, v_first is None
-    y, new_state = fused(
-        inputs=[r, k, v, g, lw, la, v if first else lv, v if first else v_first,
-                *(params[n] for n in PARAM_NAMES), state, int_params(T)],
-        template=[("T", r.dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr)],
+    first = v_first is None
+    front = [r, k, v, g, lw, la, v if first else lv, v if first else v_first]
+    return _launch_fused(fused, front, params, state, int_params(r.shape[1]), first, r.dtype)
+
+
+def _launch_fused(kernel: Callable, front: list[mx.array], params: dict[str, mx.array], state: mx.array,
+                  seq_len: mx.array, first: bool, dtype: mx.Dtype,
+                  template: Sequence[tuple[str, int]] = ()) -> tuple[mx.array, mx.array]:
+    """A launch of wkv7.inc behind either front file: one threadgroup of N * FUSED_LANES_PER_ROW
+    threads per (batch, head); inputs `front`, the parameters, the state and `seq_len`."""
+    B, H, N, _ = state.shape
+    lpr = FUSED_LANES_PER_ROW
+    y, new_state = kernel(
+        inputs=[*front, *(params[n] for n in PARAM_NAMES), state, seq_len],
+        template=[("T", dtype), ("H", H), ("N", N), ("FIRST", int(first)), ("LPR", lpr), *template],
         grid=(B * H * N * lpr, 1, 1), threadgroup=(N * lpr, 1, 1),
-        output_shapes=[(B, T, C), state.shape], output_dtypes=[r.dtype, mx.float32])
+        output_shapes=[(*front[0].shape[:2], H * N), state.shape], output_dtypes=[dtype, mx.float32])
     return y, new_state
 
 
