@@ -1,4 +1,4 @@
-"""Registers, local memory and PTX size of the mat-vec and WKV-7 scan CUDA builds, offline.
+"""Registers, local memory and PTX size of the mat-vec, WKV-7 scan and layer CUDA builds, offline.
 
     python -m bench.kernel_resources [--nt 1 8] [--nr 2 4] [--qu 1 2] [--dtype half]
     python -m bench.kernel_resources --kernel wkv7_scan [--heads 32]
@@ -23,7 +23,7 @@ from unittest import mock
 
 import mlx.core as mx
 
-from mlx_rwkv import matvec, wkv
+from mlx_rwkv import layer_kernel, matvec, wkv
 from mlx_rwkv.kernels import KernelSpec, render
 
 CUDA_TYPES = {"half": (mx.float16, "__half"), "bfloat16": (mx.bfloat16, "__nv_bfloat16"),
@@ -68,6 +68,22 @@ def wkv7_source(dtype: str, heads: int, first: int, lora: bool = False) -> str:
     types = {n: "float" for n in wkv.PARAM_NAMES + ("state_in", "state_out")}
     types |= {"seq_len": "int", "up_seg": "int", "up_w": "uint"}
     return translation_unit(spec, template, {n: types.get(n, "T") for n in spec.inputs + spec.outputs})
+
+
+def layer_source(dtype: str, first: int, q4k: int) -> str:
+    """The persistent layer kernel (layer_kernel.LAYER_DECODE) for the 1.5B shape (C = 2048, 32 heads
+    of 64, 7 att_in segments, 4 LoRA up-projections), one row, with or without Q4_K projections."""
+    mx_dtype, _ = CUDA_TYPES[dtype]
+    fmt = matvec.weight_format(mx_dtype)
+    template = [("TX", mx_dtype), ("T", mx_dtype), ("XFMT", fmt), ("WFMT", fmt), ("NT", 1),
+                ("NR", matvec.ROWS_PER_SIMDGROUP), ("QU", matvec.Q4K_BLOCKS_IN_FLIGHT), ("WARPS", matvec.WARPS),
+                ("TILED", 0), ("CX", 2048), ("H", 32), ("N", 64), ("LPR", layer_kernel.THREADS // 64),
+                ("FIRST", first), ("HAS_DX", 1 - first), ("NSEG_IN", 7), ("NSEG_UP", 4),
+                ("Q_IN", q4k), ("Q_OUT", q4k), ("Q_KEY", q4k), ("Q_VAL", q4k)]
+    spec = layer_kernel.LAYER_DECODE
+    types = {"params": "float", "state_in": "float", "state_out": "float", "segs": "int", "dims": "int",
+             "wd": "uint", "wq": "uint", "bar": "uint"}
+    return translation_unit(spec, template, {n: types.get(n, "TX") for n in spec.inputs + spec.outputs})
 
 
 def scan_source(dtype: str, heads: int, first: int) -> str:

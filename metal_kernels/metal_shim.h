@@ -101,6 +101,8 @@ void simdgroup_barrier(mem_flags);
 enum memory_order { memory_order_relaxed };
 template <typename T>
 struct atomic { T value; };
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
 #define METAL_SHIM_ATOMICS(space)                                                          \
   template <typename T>                                                                     \
   T atomic_fetch_add_explicit(space atomic<T>* object, T operand, memory_order order);      \

@@ -40,7 +40,7 @@ MATVEC = KernelSpec(name="matvec", inputs=("seg", "wd", "wq", "x", "dims"), outp
 MATVEC_NORM = KernelSpec(name="matvec_norm",
                          inputs=("seg", "wd", "wq", "x_in", "dx", "x_prev", "ln_w", "ln_b", "mix", "dims"),
                          outputs=("y", "x_out", "h_out"),
-                         sources=("load8.inc", "matvec_head.inc", "matvec_norm.inc", "matvec.inc"))
+                         sources=("load8.inc", "matvec_head.inc", "matvec_norm.inc", "row_norm.inc", "matvec.inc"))
 ACTIVATIONS = {"none": 0, "tanh": 1, "sigmoid": 2, "relu2": 3}
 Q4K_KIND = 4
 TILE_ROWS = 8  # activation rows a SIMD-group computes at once (NT template: one build per count)
@@ -293,12 +293,21 @@ class ProjectionGroup:
         self.wq = mx.concatenate(q4k + [pad])
         self.table = mx.array(np.array(table, np.int32).reshape(-1))
         self.q4k_words = n_q4k
-        # matmul layers: dense segments as views of the packed buffer (no copy); the Q4_K ones
-        # (None here) come from one expansion of all their blocks per call (_matmul_layers)
-        self.linears = [None if kind & Q4K_KIND else self._dense_view(rows, k, off)
-                        for rows, k, off, _, _, kind in table]
+        self.linears = self._dense_linears()
         self.q4k_segments = [(i, rows, k, off // BLOCK_WORDS * QK_K)
                              for i, (rows, k, off, _, _, kind) in enumerate(table) if kind & Q4K_KIND]
+
+    def rebase(self, wd: mx.array, wq: mx.array) -> None:
+        """Read the packed weights from `wd` and `wq`, the same words elsewhere (views of one
+        layer's buffer, mlx_rwkv/layer_kernel.py), so that the group's own buffers can go."""
+        self.wd, self.wq = wd, wq
+        self.linears = self._dense_linears()
+
+    def _dense_linears(self) -> list[Dense | None]:
+        """The matmul layers: dense segments as views of the packed buffer (no copy); the Q4_K
+        ones (None here) come from one expansion of all their blocks per call (_matmul_layers)."""
+        table = np.array(self.table).reshape(-1, 6).tolist()
+        return [None if kind & Q4K_KIND else self._dense_view(rows, k, off) for rows, k, off, _, _, kind in table]
 
     def _dense_view(self, rows: int, k: int, off: int) -> Dense:
         words = rows * k * (4 if self.dtype == mx.float32 else 2) // 4

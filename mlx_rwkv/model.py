@@ -23,10 +23,12 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
+from .layer_kernel import BARRIER_WORDS, LayerArena, resident_threadgroups
+from .layer_kernel import fits as layer_fits
 from .matvec import ProjectionGroup, pack_host_weights
 from .norm_mix import layer_norm_host, norm_mix_host
 from .state import State
-from .wkv import host_params, wkv7_host, wkv7_lora
+from .wkv import PARAM_NAMES, host_params, wkv7_host, wkv7_lora
 
 # Row order of the token-shift mix vectors: the inputs of r, k, v, then of the four LoRAs
 # (w, a, v, g); x_v appears twice because both paths read it.
@@ -90,6 +92,12 @@ class RWKV7:
         else:  # e.g. Q4_K on the CPU: the float32 LoRA groups must be MLX ops too
             for g in groups:
                 g.to_mlx()
+        # decode in one launch per layer where the GPU allows (layer_kernel.py); else five
+        self.layer_threadgroups = 0 if self.on_host else resident_threadgroups()
+        self.arenas = [LayerArena.build(layer, PARAM_NAMES, config.n_embd) for layer in self.layers] \
+            if self.layer_threadgroups else []
+        self.barrier = mx.zeros((BARRIER_WORDS,), mx.uint32)  # the layer kernel's grid-barrier words
+        mx.eval(self.barrier)
         self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
 
     # -- public API ---------------------------------------------------------------------
@@ -143,7 +151,17 @@ class RWKV7:
         att_x, wkv, ffn_x = [], [], []
         v_first = None
         nt = B * T  # activation rows of every projection
+        one_launch = T == 1 and self.arenas and all(self.arenas) and \
+            layer_fits(nt, self.config.n_embd, self.config.head_size, x.dtype)
         for i, layer in enumerate(self.layers):
+            if one_launch:
+                x, dx, h_att, s, h_ffn, v = self.arenas[i].step(x, dx, state.att_x[i], state.ffn_x[i], v_first,
+                                                                state.wkv[i], self.barrier, self.layer_threadgroups)
+                v_first = v if v_first is None else v_first
+                att_x.append(h_att)
+                wkv.append(s)
+                ffn_x.append(h_ffn)
+                continue
             # x += dx; h = ln1(x); r, k, v and the LoRA hiddens of the seven token-shift mixes of h
             x, h, proj = layer.att_in.after_norm(x, dx, layer.ln1, state.att_x[i], layer.att_mix)
             dx, v_first, s = self._time_mix(layer, proj, state.wkv[i], v_first, (B, T))

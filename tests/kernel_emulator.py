@@ -6,10 +6,13 @@ mx.fast.metal_kernel would compile: the Metal prelude (metal_kernels/prelude_met
 and the Metal body with its index lines, on top of METAL_ON_CPU, CPU implementations of the Metal
 names the prelude uses (simd_sum and simd_shuffle_xor as 32-lane exchanges between barriers,
 threadgroup_barrier, as_type, half as IEEE binary16, the SIMD-group attributes, uint4 copies that
-check 16-byte alignment). Each threadgroup runs with one coroutine (ucontext) per GPU thread on
-one OS thread: a barrier yields until every participant has arrived, so the interleaving is
-deterministic. Threadgroup memory is filled with NaN bytes before every threadgroup, so a read
-before a write shows in the results. So the production wrappers (ProjectionGroup, norm_mix,
+check 16-byte alignment, device atomics). Each threadgroup runs with one coroutine (ucontext) per
+GPU thread on one OS thread: a barrier yields until every participant has arrived, so the
+interleaving is deterministic. Threadgroup memory is filled with NaN bytes before every
+threadgroup, so a read before a write shows in the results. A kernel with a grid-wide barrier
+(GRID_BARRIER: threadgroups wait for each other) runs all its threadgroups interleaved, each with
+its own threadgroup memory and barrier state (swapped in when the scheduler moves to one of its
+threads); an atomic load yields, so a thread polling a flag lets the others run. So the production wrappers (ProjectionGroup, norm_mix,
 wkv7) run end to end with their kernels in CI, where no GPU exists; bugs in the kernels' index
 arithmetic, staging and reductions show up there. The hardware's own intrinsics only run on the
 GPU host.
@@ -79,9 +82,9 @@ struct emu_bf16 {  // bfloat16 as the GPU types behave: float in, round to neare
 struct EmuFiber { ucontext_t ctx; std::vector<char> stack; bool done; };
 static ucontext_t emu_main;
 static std::vector<EmuFiber> emu_fibers;
-static uint emu_current, emu_gid;
+static uint emu_current, emu_gid, emu_fiber;  // thread in its group, group, fiber
 static void** emu_args;
-static void emu_yield() { swapcontext(&emu_fibers[emu_current].ctx, &emu_main); }
+static void emu_yield() { swapcontext(&emu_fibers[emu_fiber].ctx, &emu_main); }
 struct EmuBarrier {
   uint n = 0, arrived = 0, generation = 0;
   void wait() {
@@ -107,8 +110,15 @@ struct EmuGroupPosition { uint x, y, z; };
 #define threadgroup
 extern "C" char __start_emu_tg[] __attribute__((weak));
 extern "C" char __stop_emu_tg[] __attribute__((weak));
-enum class mem_flags { mem_none, mem_device, mem_threadgroup };
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2 };
+static mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(int(a) | int(b)); }
 static void threadgroup_barrier(mem_flags) { emu_group.wait(); }
+// device atomics (one OS thread: plain operations); a load yields, so a polling thread lets others run
+struct atomic_uint { uint value; };
+enum memory_order { memory_order_relaxed };
+static uint atomic_load_explicit(atomic_uint* a, memory_order) { emu_yield(); return a->value; }
+static uint atomic_fetch_add_explicit(atomic_uint* a, uint v, memory_order) { const uint old = a->value; a->value += v; return old; }
+static void atomic_store_explicit(atomic_uint* a, uint v, memory_order) { a->value = v; }
 static float simd_sum(float v) {
   const uint w = emu_current / 32;
   emu_lanes[w][emu_current % 32] = v;
@@ -144,34 +154,66 @@ static void body({params}) {{
 static void emu_entry() {{
   void** args = emu_args;
   body({call});
-  emu_fibers[emu_current].done = true;
+  emu_fibers[emu_fiber].done = true;
 }}
-extern "C" int run(uint groups, uint threads, void** args) {{
+// Interleaved runs (grid barriers): what each threadgroup keeps while another one's threads run
+struct EmuGroupState {{ EmuBarrier group; EmuBarrier warps[32]; float lanes[32][32]; std::vector<char> memory; }};
+static std::vector<EmuGroupState> emu_states;
+static void emu_switch_group(uint from, uint to) {{  // save group `from`'s state, load group `to`'s
+  const size_t size = __start_emu_tg ? size_t(__stop_emu_tg - __start_emu_tg) : 0;
+  EmuGroupState& a = emu_states[from];
+  a.group = emu_group;
+  std::copy(emu_warps, emu_warps + 32, a.warps);
+  std::memcpy(a.lanes, emu_lanes, sizeof(emu_lanes));
+  if (size) std::memcpy(a.memory.data(), __start_emu_tg, size);
+  const EmuGroupState& b = emu_states[to];
+  emu_group = b.group;
+  std::copy(b.warps, b.warps + 32, emu_warps);
+  std::memcpy(emu_lanes, b.lanes, sizeof(emu_lanes));
+  if (size) std::memcpy(__start_emu_tg, b.memory.data(), size);
+}}
+static void emu_start(EmuFiber& f) {{
+  f.stack.resize(1 << 16);
+  f.done = false;
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.data();
+  f.ctx.uc_stack.ss_size = f.stack.size();
+  f.ctx.uc_link = &emu_main;
+  makecontext(&f.ctx, emu_entry, 0);
+}}
+// groups threadgroups of `threads` threads, one after another, or all interleaved (`interleave`)
+extern "C" int run(uint groups, uint threads, void** args, int interleave) {{
   emu_misaligned = 0;
   emu_bad_shuffle = 0;
   emu_args = args;
-  emu_fibers.resize(threads);
+  const uint batch = interleave ? groups : 1;  // threadgroups whose threads run together
+  emu_fibers.resize(batch * threads);
   emu_group.n = threads;
   for (uint w = 0; w < 32; ++w) emu_warps[w].n = std::min(32u, threads - std::min(threads, 32 * w));
-  for (uint g = 0; g < groups; ++g) {{
-    emu_gid = g;
-    if (__start_emu_tg) std::memset(__start_emu_tg, 0xFF, __stop_emu_tg - __start_emu_tg);  // NaN
-    for (uint t = 0; t < threads; ++t) {{
-      EmuFiber& f = emu_fibers[t];
-      f.stack.resize(1 << 16);
-      f.done = false;
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack.data();
-      f.ctx.uc_stack.ss_size = f.stack.size();
-      f.ctx.uc_link = &emu_main;
-      makecontext(&f.ctx, emu_entry, 0);
-    }}
-    for (uint left = threads; left > 0;) {{
-      for (uint t = 0; t < threads; ++t) {{
-        if (emu_fibers[t].done) continue;
-        emu_current = t;
-        swapcontext(&emu_main, &emu_fibers[t].ctx);
-        left -= emu_fibers[t].done;
+  const size_t size = __start_emu_tg ? size_t(__stop_emu_tg - __start_emu_tg) : 0;
+  emu_states.assign(batch, EmuGroupState());
+  for (EmuGroupState& st : emu_states) {{
+    st.group = emu_group;
+    std::copy(emu_warps, emu_warps + 32, st.warps);
+    st.memory.assign(size, char(0xFF));  // NaN
+  }}
+  for (uint g0 = 0; g0 < groups; g0 += batch) {{
+    if (size) std::memset(__start_emu_tg, 0xFF, size);  // NaN
+    for (EmuFiber& f : emu_fibers) emu_start(f);
+    uint loaded = 0;  // the threadgroup whose state is in the globals
+    for (uint left = batch * threads; left > 0;) {{
+      for (uint f = 0; f < batch * threads; ++f) {{
+        if (emu_fibers[f].done) continue;
+        const uint g = f / threads;
+        if (g != loaded) {{
+          emu_switch_group(loaded, g);
+          loaded = g;
+        }}
+        emu_current = f % threads;
+        emu_gid = g0 + g;
+        emu_fiber = f;
+        swapcontext(&emu_main, &emu_fibers[f].ctx);
+        left -= emu_fibers[f].done;
       }}
     }}
   }}
@@ -234,7 +276,8 @@ class EmulatedKernel:
         # here: ProjectionGroup's kernel takes whole buffers and checks x_base alignment itself
         arrays = ins + outs
         args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        flags = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args)
+        interleave = int("GRID_BARRIER" in body)  # threadgroups that wait for each other run together
+        flags = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args, ctypes.c_int(interleave))
         assert not flags & 1, f"{self.spec.name}: a 16-byte load or store at an unaligned address"
         assert not flags & 2, f"{self.spec.name}: a shuffle from a lane past a partial SIMD-group"
         return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)

@@ -203,6 +203,23 @@ def _matvec_norm_call(dtype: mx.Dtype) -> None:  # the mat-vec with norm_mix's w
             group.after_norm(x, dx, ln, mx.zeros((B, C), dtype=dtype), mx.zeros((2, C), dtype=dtype))
 
 
+def _layer_decode_call(dtype: mx.Dtype) -> None:  # the persistent layer kernel (opted in on Metal)
+    import numpy as np
+
+    from conftest import _config
+    from mlx_rwkv.loading import build_model
+    from mlx_rwkv.quant import quantize_model
+    from mlx_rwkv.synth import synthesize
+
+    config = _config(n_layer=2, n_embd=256, vocab_size=64, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    weights = synthesize(config, seed=1, dtype=np.float16)
+    with mock.patch.dict(os.environ, {"MLX_RWKV_LAYER_KERNEL": "4"}):
+        for w in (weights, quantize_model(weights, include_head=False)):
+            model = build_model(w, config, {mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(dtype, "float32"))
+            for B in (1, 2):  # layer 0 (FIRST, no pending update) and layer 1
+                model._run(mx.zeros((B, 1), dtype=mx.int32), model.new_state(B), all_logits=False)
+
+
 # One entry per KernelSpec name: call the public code that launches it, on tiny inputs whose
 # activation dtype is `dtype`, so the check sees the launch arguments production passes.
 EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
@@ -213,6 +230,7 @@ EXAMPLE_CALLS: dict[str, Callable[[mx.Dtype], None]] = {
     "q4k_dequant": _q4k_call,
     "matvec": _matvec_call,
     "matvec_norm": _matvec_norm_call,
+    "layer_decode": _layer_decode_call,
     "wkv7_lora": _wkv7_lora_call,
     "simd_probe": lambda dtype: importlib.import_module("mlx_rwkv.doctor").simd_probe(256),
 }

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from bench.kernel_resources import matvec_source, resources, scan_source, wkv7_source
+from mlx_rwkv import layer_kernel
+from bench.kernel_resources import layer_source, matvec_source, resources, scan_source, wkv7_source
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="needs the CUDA toolkit's nvcc")
@@ -36,3 +37,14 @@ def test_matvec_norm_builds_in_registers():
 def test_wkv7_builds_in_registers(lora, first):
     used = resources(wkv7_source("half", 32, first, lora), NVCC)
     assert used["stack"] == 0 and used["spill"] == 0, used
+
+
+@pytest.mark.parametrize("q4k", [1, 0])
+@pytest.mark.parametrize("first", [1, 0])
+def test_layer_kernel_builds_in_registers(first, q4k):
+    """The persistent layer kernel: no local memory, and at most 255 registers a thread, so one
+    block of layer_kernel.THREADS fits an SM's 65,536 registers whatever else it needs (the grid
+    barrier needs every block resident: one block per SM)."""
+    used = resources(layer_source("half", first, q4k), NVCC)
+    assert used["stack"] == 0 and used["spill"] == 0, used
+    assert used["registers"] * layer_kernel.THREADS <= 65536, used

@@ -275,3 +275,41 @@ def test_threadgroup_memory_read_before_write_fails(monkeypatch):
     assert np.isnan(_run_probe(monkeypatch, planted)).all()
     group_one_reads_group_zero = "SHARED float s[N];\nif (gid == 0) { s[tid] = x[tid]; }\nBARRIER();\ny[gid * N + tid] = s[tid];\n"
     assert np.isnan(_run_probe(monkeypatch, group_one_reads_group_zero)[64:]).all()
+
+
+@pytest.mark.parametrize("dtype,quant,B", [("float32", False, 1), ("float16", True, 1), ("bfloat16", False, 2),
+                                           ("float16", False, 2)])
+def test_layer_kernel_matches_the_five_launches(monkeypatch, dtype, quant, B):
+    """Decode through the persistent layer kernel (one launch per layer, 3 threadgroups that take
+    turns over every phase's virtual threadgroups and meet at grid barriers) against the five
+    launches per layer, three steps from a zero state (layer 0 without a pending update, then with)."""
+    from conftest import _config
+    from mlx_rwkv.loading import build_model
+    from mlx_rwkv.quant import quantize_model
+    from mlx_rwkv.synth import synthesize
+
+    config = _config(n_layer=2, n_embd=256, vocab_size=300, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    weights = synthesize(config, seed=4, dtype=np.float16)
+    if quant:
+        weights = quantize_model(weights, include_head=True)
+    ids = mx.array(RNG.integers(0, config.vocab_size, (B, 3)), dtype=mx.int32)
+
+    def decode(threadgroups: str) -> tuple[list[mx.array], list[str]]:
+        monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", threadgroups)
+        with emulated_kernels() as launched:
+            model = build_model(weights, config, dtype)
+            state, outs = model.new_state(B), []
+            for t in range(3):
+                logits, state = model._run(ids[:, t:t + 1], state, all_logits=True)
+                outs.append(logits)
+            mx.eval(outs, state.arrays())
+        return outs + state.arrays(), launched
+
+    want, five = decode("0")
+    got, one = decode("3")
+    assert "layer_decode" not in five and five.count("matvec_norm") == 2 * config.n_layer * 3
+    assert one == (["layer_decode"] * config.n_layer + ["matvec"]) * 3  # + the head
+    # the same operations, but the WKV phase has 4 lanes per state row instead of 8 (another sum order)
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}[dtype]
+    for a, b in zip(got, want):
+        close(a, b, tol)
