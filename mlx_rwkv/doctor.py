@@ -34,10 +34,12 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
 import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal, TextIO
@@ -45,7 +47,7 @@ from typing import Callable, Literal, TextIO
 import mlx.core as mx
 import numpy as np
 
-from . import __version__, kernels
+from . import __version__, kernels, layer_kernel
 from .checkpoint.files import atomic_output
 from .config import config_for_shape
 from .generate import generate_tokens
@@ -385,6 +387,56 @@ def check_kernel_model(dtype_name: str, quant: bool) -> Outcome:
     return cmp.outcome()
 
 
+# ---- the persistent layer kernel -----------------------------------------------------------------
+
+LAYER_THREADGROUPS = 4  # few enough to be resident on every Apple GPU (7 cores and up)
+LAYER_STEPS = 16
+
+
+@contextmanager
+def _layer_kernel_env(value: str):
+    saved = os.environ.get(layer_kernel.ENV)
+    os.environ[layer_kernel.ENV] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[layer_kernel.ENV]
+        else:
+            os.environ[layer_kernel.ENV] = saved
+
+
+def _decode_logits(model) -> mx.array:
+    state, rows = model.new_state(), []
+    for token in PROMPT[:LAYER_STEPS] * (LAYER_STEPS // len(PROMPT) + 1):
+        logits, state = model.step(mx.array([token], dtype=mx.int32), state)
+        rows.append(logits)
+    out = mx.stack(rows[:LAYER_STEPS])
+    mx.eval(out, state.arrays())
+    return out
+
+
+def check_layer_kernel(quant: bool) -> Outcome:
+    """Decode in one launch per layer (its threadgroups meet at grid barriers) against the five
+    launches per layer. On a Mac this is how the kernel is proven before MLX_RWKV_LAYER_KERNEL=N
+    turns it on: Metal documents no forward progress for threadgroups that wait for each other."""
+    _require_gpu()
+    count = layer_kernel.requested_threadgroups() or LAYER_THREADGROUPS
+    with _layer_kernel_env(str(count)):
+        model = build_model(_weights(quant), MODEL_CONFIG, "float16")
+    if not (model.arenas and all(model.arenas)):
+        raise Skip("the layer kernel does not apply to this model on this device")
+    got = _decode_logits(model)
+    if int(np.array(model.barrier)[32]):
+        return Outcome(False, f"a grid-barrier wait gave up with {count} threadgroups: they were not all "
+                              "resident at once (or did not make progress while waiting)")
+    with _layer_kernel_env("0"):
+        want = _decode_logits(build_model(_weights(quant), MODEL_CONFIG, "float16"))
+    cmp = Comparison()
+    cmp.add(f"{LAYER_STEPS} decode steps' logits, {count} threadgroups", got, want, MODEL_TOL[mx.float16])
+    return cmp.outcome()
+
+
 # ---- the SIMD lane probe ------------------------------------------------------------------------
 
 def simd_probe(threads: int, groups: int = 2) -> tuple[mx.array, mx.array]:
@@ -526,6 +578,8 @@ def all_checks() -> list[tuple[str, Callable[[], Outcome]]]:
             (f"kernel/model/q4k/{name}", p(check_kernel_model, name, True)),
         ]
     checks += [
+        ("kernel/layer/dense", functools.partial(check_layer_kernel, False)),
+        ("kernel/layer/q4k", functools.partial(check_layer_kernel, True)),
         ("simd/lanes", check_simd_lanes),
         ("model/prefill-vs-steps", check_prefill_vs_steps),
         ("generation/vs-prefill", check_generation_vs_prefill),

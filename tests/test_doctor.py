@@ -179,3 +179,13 @@ def test_kernel_check_catches_a_kernel_returning_garbage(monkeypatch):
         with mock.patch.object(kernels, "_build", garbage):
             outcome = doctor.check_kernel_norm_mix(mx.float32)
     assert not outcome.passed and outcome.max_abs_error > outcome.tolerance
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_layer_kernel_check_passes_on_the_emulated_kernels(quant):
+    """kernel/layer (how a Mac proves the grid-barrier kernel) with the kernels emulated on the CPU."""
+    from kernel_emulator import emulated_kernels
+
+    with emulated_kernels(), mock.patch.object(mx, "compile", lambda f: f):  # the emulator runs eagerly
+        outcome = doctor.check_layer_kernel(quant)
+    assert outcome.passed and f"{doctor.LAYER_THREADGROUPS} threadgroups" in outcome.detail, outcome
