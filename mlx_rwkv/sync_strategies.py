@@ -34,6 +34,7 @@ import numpy as np
 import wgpu
 
 from . import model as model_module
+from .layer_kernel import LayerArena
 from .matvec import ProjectionGroup, Segment
 from .quant import BLOCK_BYTES, QK_K, Q4KTensor
 
@@ -82,8 +83,8 @@ class EvalHook:
     built: after every op of the engine (`"op"`: each projection group, with or without its norm
     prologue, and the WKV kernel; where such an op runs as two launches, each), or after every
     layer (`"layer"`: once its FFN value projection is built). Run it around the uncompiled
-    forward; the patch (mlx_rwkv.model's wkv7_lora, ProjectionGroup's __call__ and after_norm)
-    is undone on exit.
+    forward; the patch (mlx_rwkv.model's wkv7_lora, ProjectionGroup's __call__ and after_norm,
+    LayerArena's step: a decode layer in one launch is one op and a layer end) is undone on exit.
 
     syncs: evaluations so far. nodes: kernel nodes in those evaluations (with count_nodes, which
     inspects each graph before evaluating it: slow, for one counting step)."""
@@ -101,15 +102,17 @@ class EvalHook:
 
     def __enter__(self) -> "EvalHook":
         wkv7, group_call, after_norm = model_module.wkv7_lora, ProjectionGroup.__call__, ProjectionGroup.after_norm
-        self._saved = (wkv7, group_call, after_norm)
+        layer_step = LayerArena.step
+        self._saved = (wkv7, group_call, after_norm, layer_step)
         model_module.wkv7_lora = lambda *a, **k: self._built(wkv7(*a, **k), False)
         ProjectionGroup.__call__ = lambda group, x, nt: self._built(group_call(group, x, nt),
                                                                     id(group) in self.layer_ends)
         ProjectionGroup.after_norm = lambda group, *a: self._built(after_norm(group, *a), False)
+        LayerArena.step = lambda arena, *a: self._built(layer_step(arena, *a), True)  # a layer in one launch
         return self
 
     def __exit__(self, *exc: object) -> None:
-        model_module.wkv7_lora, ProjectionGroup.__call__, ProjectionGroup.after_norm = self._saved
+        model_module.wkv7_lora, ProjectionGroup.__call__, ProjectionGroup.after_norm, LayerArena.step = self._saved
         self._pending = []
 
     def _built(self, out: Any, layer_end: bool) -> Any:

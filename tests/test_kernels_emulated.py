@@ -292,7 +292,7 @@ def test_layer_kernel_matches_the_five_launches(monkeypatch, dtype, quant, B):
     weights = synthesize(config, seed=4, dtype=np.float16)
     if quant:
         weights = quantize_model(weights, include_head=True)
-    ids = mx.array(RNG.integers(0, config.vocab_size, (B, 3)), dtype=mx.int32)
+    ids = mx.array(np.random.default_rng(B).integers(0, config.vocab_size, (B, 3)), dtype=mx.int32)
 
     def decode(threadgroups: str) -> tuple[list[mx.array], list[str]]:
         monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", threadgroups)
@@ -309,7 +309,26 @@ def test_layer_kernel_matches_the_five_launches(monkeypatch, dtype, quant, B):
     got, one = decode("3")
     assert "layer_decode" not in five and five.count("matvec_norm") == 2 * config.n_layer * 3
     assert one == (["layer_decode"] * config.n_layer + ["matvec"]) * 3  # + the head
-    # the same operations, but the WKV phase has 4 lanes per state row instead of 8 (another sum order)
-    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}[dtype]
+    # the same operations, but the WKV phase has 4 lanes per state row instead of 8 (another sum
+    # order), rounded to the activation dtype: bf16 as in test_whole_model_gpu_path (measured 3e-2)
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 5e-2}[dtype]
     for a, b in zip(got, want):
         close(a, b, tol)
+
+
+@pytest.mark.parametrize("every,syncs", [("op", 3), ("layer", 2)])
+def test_sync_strategies_wait_after_the_layer_kernel(monkeypatch, every, syncs):
+    """The per-op and per-layer strategies of the sync experiment with decode in one launch per
+    layer: a layer's launch is one op and a layer end (2 layers, then the head for "op")."""
+    from conftest import _config
+    from mlx_rwkv.loading import build_model
+    from mlx_rwkv.synth import synthesize
+    from mlx_rwkv.sync_strategies import EvalHook
+
+    config = _config(n_layer=2, n_embd=256, vocab_size=300, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "2")
+    with emulated_kernels() as launched:
+        model = build_model(synthesize(config, seed=4, dtype=np.float16), config, "float16")
+        with EvalHook(model, every) as hook:
+            model._run(mx.zeros((1, 1), dtype=mx.int32), model.new_state(), all_logits=True)
+    assert launched == ["layer_decode", "layer_decode", "matvec"] and hook.syncs == syncs
