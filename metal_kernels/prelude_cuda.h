@@ -32,36 +32,30 @@ DEVICE_FN float rwkv_warp_sum(float v) {
 DEVICE_FN float2 rwkv_half2_to_float2(uint u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
 }
-// GRID_BARRIER(bar, n): every thread of the grid's n threadgroups waits until all have arrived,
-// and what they wrote before is visible after. Only for launches whose n threadgroups are all
-// resident at once (layer_decode.inc). bar: >= 48 uint32 words, zero before the first use: the
-// count in word 0, the generation in word 16 (another 64-byte line), word 32 set if a wait gave
-// up (~4 M polls: a threadgroup that never came). The count is back to 0 after every barrier,
-// so the words serve the next launch as they are.
-#define GRID_BARRIER(bar, n)                         \
+// GRID_BARRIER(bar, target): every threadgroup adds one arrival to bar[0] and waits until the
+// count reaches target (the k-th barrier of a launch of n threadgroups: k * n), and what they
+// wrote before is visible after. Only for launches whose threadgroups are all resident at once
+// (layer_decode.inc). bar: a fresh output of the launch, zeroed by MLX (init_value = 0): the
+// count only grows, so no reset can race with the next barrier's arrivals, and nothing carries
+// over to the next launch. bar[16] (another 64-byte line) is set if a wait gave up (~4 M polls:
+// a threadgroup that never came).
+#define GRID_BARRIER(bar, target)                    \
   {                                                  \
     __syncthreads();                                 \
     if (tid == 0) {                                  \
-      rwkv_grid_sync((unsigned*)(bar), (n));         \
+      rwkv_grid_sync((bar), (target));               \
     }                                                \
     __syncthreads();                                 \
   }
-DEVICE_FN void rwkv_grid_sync(unsigned* bar, unsigned n) {
-  volatile unsigned* generation = bar + 16;
-  __threadfence();
-  const unsigned seen = *generation;  // read before arriving: it cannot change until all arrive
-  __threadfence();
-  if (atomicAdd(bar, 1u) == n - 1u) {
-    atomicExch(bar, 0u);
-    __threadfence();
-    atomicAdd(bar + 16, 1u);
-  } else {
-    for (unsigned polls = 0; *generation == seen; ++polls) {
-      if (polls == (1u << 22)) {
-        atomicExch(bar + 32, 1u);
-        break;
-      }
+DEVICE_FN void rwkv_grid_sync(unsigned* bar, unsigned target) {
+  __threadfence();  // this threadgroup's writes (ordered before by __syncthreads) before the arrival
+  atomicAdd(bar, 1u);
+  volatile unsigned* count = bar;
+  for (unsigned polls = 0; *count < target; ++polls) {
+    if (polls == (1u << 22)) {
+      atomicExch(bar + 16, 1u);
+      break;
     }
   }
-  __threadfence();
+  __threadfence();  // the others' writes, seen through the count, before this threadgroup's reads
 }

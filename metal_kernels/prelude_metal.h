@@ -22,28 +22,24 @@
 #define HALF2_TO_FLOAT2(u) float2(as_type<half2>(uint(u)))
 // BYTE_F(word, i): 0.5 + b / 256 as a float for byte i of word, b < 128 (b in bits 16..23 of 0.5)
 #define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))
-// GRID_BARRIER(bar, n): every thread of the grid's n threadgroups waits until all have arrived.
-// Only for launches whose n threadgroups are all resident at once (layer_decode.inc). Metal
-// documents no forward-progress guarantee for threadgroups spinning on device memory, so the
-// layer kernel is off on Metal unless asked for (mlx_rwkv/layer_kernel.py). bar: >= 48 uint32
-// words, zero before the first use: the count in word 0, the generation in word 16, word 32 set
-// if a wait gave up (~4 M polls); the count is back to 0 after every barrier.
-#define GRID_BARRIER(bar, n)                                                                      \
+// GRID_BARRIER(bar, target): every threadgroup adds one arrival to bar[0] and waits until the
+// count reaches target (the k-th barrier of a launch of n threadgroups: k * n). Only for launches
+// whose threadgroups are all resident at once (layer_decode.inc). bar: a fresh output of the
+// launch, zeroed by MLX (init_value = 0); bar[16] is set if a wait gave up (~4 M polls). Metal
+// documents neither forward progress for threadgroups that wait for each other nor, with relaxed
+// atomics, when one threadgroup's device writes become visible to another: the layer kernel is
+// off on Metal unless asked for, and `mlx-rwkv doctor` checks it (mlx_rwkv/layer_kernel.py).
+#define GRID_BARRIER(bar, target)                                                                 \
   {                                                                                               \
     threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);                      \
     if (tid == 0) {                                                                               \
-      device atomic_uint* bar_ = (device atomic_uint*)(bar);                                      \
-      const uint seen_ = atomic_load_explicit(bar_ + 16, memory_order_relaxed);                  \
-      if (atomic_fetch_add_explicit(bar_, 1u, memory_order_relaxed) == (n) - 1u) {                \
-        atomic_store_explicit(bar_, 0u, memory_order_relaxed);                                    \
-        atomic_fetch_add_explicit(bar_ + 16, 1u, memory_order_relaxed);                           \
-      } else {                                                                                    \
-        for (uint polls_ = 0; atomic_load_explicit(bar_ + 16, memory_order_relaxed) == seen_;     \
-             ++polls_) {                                                                          \
-          if (polls_ == (1u << 22)) {                                                             \
-            atomic_store_explicit(bar_ + 32, 1u, memory_order_relaxed);                           \
-            break;                                                                                \
-          }                                                                                       \
+      device atomic_uint* count_ = (device atomic_uint*)(bar);                                    \
+      atomic_fetch_add_explicit(count_, 1u, memory_order_relaxed);                                \
+      for (uint polls_ = 0; atomic_load_explicit(count_, memory_order_relaxed) < (target);        \
+           ++polls_) {                                                                            \
+        if (polls_ == (1u << 22)) {                                                               \
+          atomic_store_explicit(count_ + 16, 1u, memory_order_relaxed);                           \
+          break;                                                                                  \
         }                                                                                         \
       }                                                                                           \
     }                                                                                             \

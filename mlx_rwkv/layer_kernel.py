@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from . import kernels
 from .kernels import KernelSpec, get_kernel, int_params
-from .matvec import (Q4K_BLOCKS_IN_FLIGHT, Q4K_KIND, ROWS_PER_SIMDGROUP, ROWS_PER_SIMDGROUP_MULTI, WARPS,
-                     ProjectionGroup, weight_format)
+from .matvec import (Q4K_BLOCKS_IN_FLIGHT, Q4K_KIND, ROWS_PER_SIMDGROUP, ROWS_PER_SIMDGROUP_MULTI, TILE_ROWS,
+                     WARPS, ProjectionGroup, weight_format)
 
 if TYPE_CHECKING:
     from .model import Layer
@@ -38,8 +39,8 @@ _MV = ("matvec_head.inc", "layer_mix.inc", "matvec.inc", "layer_mv_close.inc")
 LAYER_DECODE = KernelSpec(
     name="layer_decode",
     inputs=("x_in", "dx", "att_prev", "ffn_prev", "v_first", "vecs", "params", "segs", "wd", "wq", "state_in",
-            "dims", "bar"),
-    outputs=("x1", "h1", "proj", "y_att", "state_out", "dx_att", "x2", "h2", "kbuf", "dx_ffn"),
+            "dims", "after"),
+    outputs=("x1", "h1", "proj", "y_att", "state_out", "dx_att", "x2", "h2", "kbuf", "dx_ffn", "bar"),
     sources=("load8.inc", "layer_decode.inc",
              "layer_att_in.inc", "row_norm.inc", "layer_mv_open.inc", *_MV,
              "layer_wkv.inc", "wkv7_lora.inc", "wkv7.inc", "layer_wkv_close.inc",
@@ -49,7 +50,8 @@ LAYER_DECODE = KernelSpec(
 )
 THREADS = WARPS * 32  # threads per threadgroup in every phase
 MAX_TILE_BYTES = 8192  # s_h and s_x hold the rows of one phase: 2 x 8 KB of the 32 KiB Metal allows
-BARRIER_WORDS = 48  # GRID_BARRIER's count, generation and give-up flag, on separate 64-byte lines
+BARRIER_WORDS = 32  # GRID_BARRIER's count (word 0) and give-up flag (word 16), on separate 64-byte lines
+GAVE_UP = 16
 ENV = "MLX_RWKV_LAYER_KERNEL"
 
 
@@ -124,13 +126,15 @@ class LayerArena:
         return arena
 
     def step(self, x: mx.array, dx: mx.array | None, att_prev: mx.array, ffn_prev: mx.array,
-             v_first: mx.array | None, state: mx.array, bar: mx.array,
+             v_first: mx.array | None, state: mx.array, after: mx.array,
              threadgroups: int) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]:
         """The layer for one token per row: x, dx (B, 1, C) (dx None in layer 0), the token-shift
         states att_prev, ffn_prev (B, C), v_first (B, 1, C) or None in layer 0, the WKV state
-        (B, H, N, N); `bar` the barrier words, `threadgroups` at most the resident count.
-        Returns x and the pending update dx for the next layer, the new token-shift states h1, h2,
-        the WKV state and this layer's v (B, 1, C)."""
+        (B, H, N, N); `after` an output of the launch that must finish before this one starts
+        (MLX orders launches only through shared arrays, and two of these must never run at
+        once), `threadgroups` at most the resident count. Returns x and the pending update dx for
+        the next layer, the new token-shift states h1, h2, the WKV state and this layer's v
+        (B, 1, C). Within `record_barriers()` the launch's barrier words are recorded."""
         B, _, C = x.shape
         H, N = state.shape[1], state.shape[-1]
         att_in, lora_up, att_out, ffn_key, ffn_value = self.groups
@@ -146,24 +150,48 @@ class LayerArena:
                     *((f"Q_{name}", int(g.has_q4k)) for name, g in
                       (("IN", att_in), ("OUT", att_out), ("KEY", ffn_key), ("VAL", ffn_value)))]
         row, flat = (B, C), (B * C,)
-        x1, h1, proj, y_att, new_state, dx_att, x2, h2, kbuf, dx_ffn = get_kernel(LAYER_DECODE)(
+        x1, h1, proj, y_att, new_state, dx_att, x2, h2, kbuf, dx_ffn, bar = get_kernel(LAYER_DECODE)(
             inputs=[x, x if dx is None else dx, att_prev, ffn_prev, x if v_first is None else v_first, self.vecs,
                     self.params, self.segs, self.wd, self.wq, state,
-                    int_params(1, B, threadgroups, *virtual), bar],
+                    int_params(1, B, threadgroups, *virtual), after],
             template=template, grid=(threadgroups * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[row, row, (B * att_in.rows,), flat, state.shape, flat, x.shape, row,
-                           (B * ffn_key.rows,), x.shape],
-            output_dtypes=[x.dtype] * 4 + [mx.float32] + [x.dtype] * 5)
+                           (B * ffn_key.rows,), x.shape, (BARRIER_WORDS,)],
+            output_dtypes=[x.dtype] * 4 + [mx.float32] + [x.dtype] * 5 + [mx.uint32], init_value=0)
+        if _recorded is not None:
+            _recorded.append(bar)
         v = proj[2 * B * C: 3 * B * C].reshape(B, 1, C)
         return x2, dx_ffn, h1, new_state, h2, v
 
 
+_recorded: list[mx.array] | None = None
+
+
+@contextmanager
+def record_barriers() -> Iterator[list[mx.array]]:
+    """Within the block, the barrier words of every layer launch that a forward pass builds
+    (uncompiled: a compiled step builds its graph once): `gave_up(words)` tells whether a
+    threadgroup's wait gave up, so the launch's threadgroups were not all resident."""
+    global _recorded
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None
+
+
+def gave_up(words: list[mx.array]) -> bool:
+    """Whether any of these launches' grid-barrier waits gave up."""
+    return any(int(w[GAVE_UP].item()) for w in words)
+
+
 def fits(rows: int, C: int, N: int, dtype: mx.Dtype) -> bool:
-    """Whether a decode step of `rows` sequences can take the layer kernel: the rows of a phase
-    fit its threadgroup memory, and N * (THREADS / N) lanes cover a head as wkv7.inc needs."""
+    """Whether a decode step of `rows` sequences can take the layer kernel: the rows are one
+    mat-vec tile and fit the phase's threadgroup memory, and N * (THREADS / N) lanes cover a head
+    as wkv7.inc needs."""
     lanes = THREADS // N
-    return (rows * C * dtype.size <= MAX_TILE_BYTES and THREADS % N == 0 and 32 % lanes == 0
-            and N % lanes == 0 and get_kernel(LAYER_DECODE) is not None)
+    return (rows <= TILE_ROWS and rows * C * dtype.size <= MAX_TILE_BYTES and THREADS % N == 0
+            and 32 % lanes == 0 and N % lanes == 0 and get_kernel(LAYER_DECODE) is not None)
 
 
 def _concat_words(groups: tuple[ProjectionGroup, ...], name: str) -> tuple[mx.array, list[int]]:

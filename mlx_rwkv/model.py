@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
-from .layer_kernel import BARRIER_WORDS, LayerArena, resident_threadgroups
+from .layer_kernel import LayerArena, resident_threadgroups
 from .layer_kernel import fits as layer_fits
 from .matvec import ProjectionGroup, pack_host_weights
 from .norm_mix import layer_norm_host, norm_mix_host
@@ -96,8 +96,6 @@ class RWKV7:
         self.layer_threadgroups = 0 if self.on_host else resident_threadgroups()
         self.arenas = [LayerArena.build(layer, PARAM_NAMES, config.n_embd) for layer in self.layers] \
             if self.layer_threadgroups else []
-        self.barrier = mx.zeros((BARRIER_WORDS,), mx.uint32)  # the layer kernel's grid-barrier words
-        mx.eval(self.barrier)
         self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
 
     # -- public API ---------------------------------------------------------------------
@@ -154,9 +152,10 @@ class RWKV7:
         one_launch = T == 1 and self.arenas and all(self.arenas) and \
             layer_fits(nt, self.config.n_embd, self.config.head_size, x.dtype)
         for i, layer in enumerate(self.layers):
-            if one_launch:
+            if one_launch:  # layer 0 after the previous step's last layer (whose state it reads), the rest after x
+                after = state.ffn_x[-1] if i == 0 else x
                 x, dx, h_att, s, h_ffn, v = self.arenas[i].step(x, dx, state.att_x[i], state.ffn_x[i], v_first,
-                                                                state.wkv[i], self.barrier, self.layer_threadgroups)
+                                                                state.wkv[i], after, self.layer_threadgroups)
                 v_first = v if v_first is None else v_first
                 att_x.append(h_att)
                 wkv.append(s)
