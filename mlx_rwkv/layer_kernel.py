@@ -4,12 +4,14 @@ The five launches of a decode layer (model.py) become five phases of one kernel 
 threadgroups meet at a grid-wide barrier between phases, so a 1.5B step is 25 launches instead
 of 124. A grid barrier only works while every threadgroup of the launch is resident at once, so
 a launch has at most as many threadgroups as the GPU holds (`resident_threadgroups`):
-- CUDA: one 256-thread block per SM (any register count fits one such block on an SM), the SMs
-  counted once per process by a probe kernel that records the %smid of many short blocks;
-- Metal: off unless asked for. Metal documents no forward-progress guarantee for threadgroups
-  that spin on device memory; `MLX_RWKV_LAYER_KERNEL=N` launches N threadgroups (and
-  `mlx-rwkv doctor` checks the result against the five launches on the Mac).
-`MLX_RWKV_LAYER_KERNEL=0` turns the kernel off everywhere; the five-launch path is the fallback.
+- `MLX_RWKV_LAYER_KERNEL=sm` (CUDA): one 256-thread block per SM (any register count fits one
+  such block on an SM), the SMs counted once per process by a probe kernel that records the
+  %smid of many short blocks;
+- `MLX_RWKV_LAYER_KERNEL=N`: N threadgroups. Metal documents no forward-progress guarantee for
+  threadgroups that spin on device memory, so on a Mac `mlx-rwkv doctor` checks the kernel with
+  4 threadgroups against the five launches first;
+- `MLX_RWKV_LAYER_KERNEL=0` (the default, DEFAULT, until the kernel has run on the GPU host):
+  off, the five-launch path.
 
 `LayerArena.build` packs what a layer's launch reads into few buffers (Metal allows 31): its
 vectors, its WKV parameters, the five segment tables, and the dense and Q4_K weight words of
@@ -53,21 +55,26 @@ MAX_TILE_BYTES = 8192  # s_h and s_x hold the rows of one phase: 2 x 8 KB of the
 BARRIER_WORDS = 32  # GRID_BARRIER's count (word 0) and give-up flag (word 16), on separate 64-byte lines
 GAVE_UP = 16
 ENV = "MLX_RWKV_LAYER_KERNEL"
+# What an unset MLX_RWKV_LAYER_KERNEL means. "0" (off) until the kernel has run on the GPU host:
+# the session that built it got no GPU (README, "One launch per layer").
+DEFAULT = "0"
 
 
 def requested_threadgroups() -> int | None:
-    """MLX_RWKV_LAYER_KERNEL as a threadgroup count: None when unset, 0 for off."""
-    value = os.environ.get(ENV, "").strip()
-    if not value:
+    """MLX_RWKV_LAYER_KERNEL (else DEFAULT) as a threadgroup count: a number N, 0 for off, or
+    None for "sm" (CUDA: one threadgroup per SM)."""
+    value = os.environ.get(ENV, "").strip() or DEFAULT
+    if value == "sm":
         return None
     if not value.isdigit():
-        raise ValueError(f"{ENV} must be a whole number of threadgroups (0: off), got {value!r}")
+        raise ValueError(f"{ENV} must be 'sm' (one threadgroup per SM, CUDA) or a whole number of "
+                         f"threadgroups (0: off), got {value!r}")
     return int(value)
 
 
 def resident_threadgroups() -> int:
-    """How many threadgroups the layer kernel launches (0: the kernel is off): the environment's
-    count, else on CUDA one per SM, else (Metal, or no GPU) 0."""
+    """How many threadgroups the layer kernel launches (0: the kernel is off): the requested
+    count; for "sm" one per SM on CUDA, and off on Metal (which has no SM count to read)."""
     if get_kernel(LAYER_DECODE) is None:
         return 0
     requested = requested_threadgroups()

@@ -1,8 +1,8 @@
 """The persistent layer kernel on the GPU (metal_kernels/layer_decode.inc, one launch per layer in
 decode) against the five launches per layer, over a long decode: the grid barrier's waits never
 give up, and logits and state stay as close as the WKV phase's other sum order allows. The same
-comparison runs emulated on the CPU in test_kernels_emulated.py. On a Mac the kernel only runs
-when MLX_RWKV_LAYER_KERNEL asks for it (mlx_rwkv/layer_kernel.py)."""
+comparison runs emulated on the CPU in test_kernels_emulated.py. On CUDA it runs one block per SM
+(MLX_RWKV_LAYER_KERNEL=sm); on a Mac only when MLX_RWKV_LAYER_KERNEL=N asks for it."""
 from __future__ import annotations
 
 import mlx.core as mx
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import _config
-from mlx_rwkv import layer_kernel
+from mlx_rwkv import kernels, layer_kernel
 from mlx_rwkv.loading import build_model
 from mlx_rwkv.quant import quantize_model
 from mlx_rwkv.synth import synthesize
@@ -20,8 +20,10 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("quant,B", [(False, 1), (True, 1), (True, 2)])
 def test_layer_kernel_decode_matches_five_launches(monkeypatch, quant, B):
+    if kernels.gpu_backend() == "cuda":
+        monkeypatch.setenv(layer_kernel.ENV, "sm")
     if layer_kernel.resident_threadgroups() == 0:
-        pytest.skip("the layer kernel is off on this device (Metal: set MLX_RWKV_LAYER_KERNEL)")
+        pytest.skip("the layer kernel is off on this device (Metal: set MLX_RWKV_LAYER_KERNEL=N)")
     config = _config(n_layer=4, n_embd=1024, vocab_size=512, d_decay=64, d_aaa=64, d_mv=32, d_gate=128)
     weights = synthesize(config, seed=7, dtype=np.float16)
     if quant:
