@@ -82,7 +82,7 @@ def layer_source(dtype: str, first: int, q4k: int) -> str:
                 ("Q_IN", q4k), ("Q_OUT", q4k), ("Q_KEY", q4k), ("Q_VAL", q4k)]
     spec = layer_kernel.LAYER_DECODE
     types = {"params": "float", "state_in": "float", "state_out": "float", "segs": "int", "dims": "int",
-             "wd": "uint", "wq": "uint", "bar": "uint"}
+             "wd": "uint", "wq": "uint", "words": "uint"}
     return translation_unit(spec, template, {n: types.get(n, "TX") for n in spec.inputs + spec.outputs})
 
 

@@ -20,6 +20,8 @@ DEVICE_FN float rwkv_warp_sum(float v) {
 // The same from shared memory, and a pointer type into it (SHARED declares, this points)
 #define LOAD_SHARED_U4(ptr) (*((const uint4*)(ptr)))
 #define SHARED_PTR(T) T*
+// A writable pointer into device memory (for a kernel that writes words it takes as an input)
+#define DEVICE_PTR(T) T*
 #define AS_FLOAT(u) __uint_as_float(u)
 #define AS_UINT(f) __float_as_uint(f)
 // Raw 16-byte stores, and the fp16 bits of a float (round to nearest even) in the low half
@@ -35,10 +37,10 @@ DEVICE_FN float2 rwkv_half2_to_float2(uint u) {
 // GRID_BARRIER(bar, target): every threadgroup adds one arrival to bar[0] and waits until the
 // count reaches target (the k-th barrier of a launch of n threadgroups: k * n), and what they
 // wrote before is visible after. Only for launches whose threadgroups are all resident at once
-// (layer_decode.inc). bar: a fresh output of the launch, zeroed by MLX (init_value = 0): the
-// count only grows, so no reset can race with the next barrier's arrivals, and nothing carries
-// over to the next launch. bar[16] (another 64-byte line) is set if a wait gave up (~4 M polls:
-// a threadgroup that never came).
+// (layer_decode.inc). bar: words that no other running launch uses, whose count was zeroed
+// before the launch began (layer_decode.inc); bar[16] (another 64-byte line) is set if a wait
+// gave up (~4 M polls: a threadgroup that never came). The count only grows within a launch,
+// so no reset can race with a later barrier's arrivals.
 #define GRID_BARRIER(bar, target)                    \
   {                                                  \
     __syncthreads();                                 \

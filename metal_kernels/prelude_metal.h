@@ -13,6 +13,8 @@
 // The same from threadgroup memory, and a pointer type into it (SHARED declares, this points)
 #define LOAD_SHARED_U4(ptr) (*((const threadgroup uint4*)(ptr)))
 #define SHARED_PTR(T) threadgroup T*
+// A writable pointer into device memory (for a kernel that writes words it takes as an input)
+#define DEVICE_PTR(T) device T*
 #define AS_FLOAT(u) as_type<float>(uint(u))
 #define AS_UINT(f) as_type<uint>(float(f))
 // Raw 16-byte stores, and the fp16 bits of a float (round to nearest even) in the low half
@@ -24,11 +26,11 @@
 #define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))
 // GRID_BARRIER(bar, target): every threadgroup adds one arrival to bar[0] and waits until the
 // count reaches target (the k-th barrier of a launch of n threadgroups: k * n). Only for launches
-// whose threadgroups are all resident at once (layer_decode.inc). bar: a fresh output of the
-// launch, zeroed by MLX (init_value = 0); bar[16] is set if a wait gave up (~4 M polls). Metal
-// documents neither forward progress for threadgroups that wait for each other nor, with relaxed
-// atomics, when one threadgroup's device writes become visible to another: the layer kernel is
-// off on Metal unless asked for, and `mlx-rwkv doctor` checks it (mlx_rwkv/layer_kernel.py).
+// whose threadgroups are all resident at once (layer_decode.inc). bar: words that no other running
+// launch uses, whose count was zeroed before the launch began; bar[16] is set if a wait gave up
+// (~4 M polls). Metal documents neither forward progress for threadgroups that wait for each
+// other nor, with relaxed atomics, when one threadgroup's device writes become visible to
+// another: the layer kernel is off on Metal unless asked for, and `mlx-rwkv doctor` checks it.
 #define GRID_BARRIER(bar, target)                                                                 \
   {                                                                                               \
     threadgroup_barrier(mem_flags::mem_device | mem_flags::mem_threadgroup);                      \

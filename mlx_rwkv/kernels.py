@@ -34,12 +34,15 @@ _INDEX_LINES: dict[str, str] = {
 class KernelSpec:
     """A kernel: its argument names and its body, the files `sources` of metal_kernels/ in order
     (default: <name>.inc alone). Variants of a kernel share files this way: a small file in front
-    defines the macros through which the shared body reads its inputs."""
+    defines the macros through which the shared body reads its inputs. MLX treats inputs as read
+    only; `writes_inputs` names those the body writes anyway (a buffer the caller keeps for the
+    kernel alone, such as grid-barrier words)."""
 
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     sources: tuple[str, ...] = ()
+    writes_inputs: tuple[str, ...] = ()  # inputs the body writes in place (buffers kept for that job)
 
     @property
     def files(self) -> tuple[str, ...]:

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import functools
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -41,18 +40,19 @@ _MV = ("matvec_head.inc", "layer_mix.inc", "matvec.inc", "layer_mv_close.inc")
 LAYER_DECODE = KernelSpec(
     name="layer_decode",
     inputs=("x_in", "dx", "att_prev", "ffn_prev", "v_first", "vecs", "params", "segs", "wd", "wq", "state_in",
-            "dims", "after"),
-    outputs=("x1", "h1", "proj", "y_att", "state_out", "dx_att", "x2", "h2", "kbuf", "dx_ffn", "bar"),
+            "dims", "words", "after"),
+    outputs=("x1", "h1", "proj", "y_att", "state_out", "dx_att", "x2", "h2", "kbuf", "dx_ffn"),
     sources=("load8.inc", "layer_decode.inc",
              "layer_att_in.inc", "row_norm.inc", "layer_mv_open.inc", *_MV,
              "layer_wkv.inc", "wkv7_lora.inc", "wkv7.inc", "layer_wkv_close.inc",
              "layer_att_out.inc", "layer_mv_open.inc", *_MV,
              "layer_ffn_key.inc", "row_norm.inc", "layer_mv_open.inc", *_MV,
              "layer_ffn_value.inc", "layer_mv_open.inc", *_MV),
+    writes_inputs=("words",),
 )
 THREADS = WARPS * 32  # threads per threadgroup in every phase
 MAX_TILE_BYTES = 8192  # s_h and s_x hold the rows of one phase: 2 x 8 KB of the 32 KiB Metal allows
-BARRIER_WORDS = 32  # GRID_BARRIER's count (word 0) and give-up flag (word 16), on separate 64-byte lines
+BARRIER_WORDS = 32  # per layer: GRID_BARRIER's count (word 0) and give-up flag (word 16), 64 bytes apart
 GAVE_UP = 16
 ENV = "MLX_RWKV_LAYER_KERNEL"
 # What an unset MLX_RWKV_LAYER_KERNEL means. "0" (off) until the kernel has run on the GPU host:
@@ -133,15 +133,15 @@ class LayerArena:
         return arena
 
     def step(self, x: mx.array, dx: mx.array | None, att_prev: mx.array, ffn_prev: mx.array,
-             v_first: mx.array | None, state: mx.array, after: mx.array,
+             v_first: mx.array | None, state: mx.array, barrier: tuple[mx.array, int], after: mx.array,
              threadgroups: int) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]:
         """The layer for one token per row: x, dx (B, 1, C) (dx None in layer 0), the token-shift
         states att_prev, ffn_prev (B, C), v_first (B, 1, C) or None in layer 0, the WKV state
-        (B, H, N, N); `after` an output of the launch that must finish before this one starts
-        (MLX orders launches only through shared arrays, and two of these must never run at
-        once), `threadgroups` at most the resident count. Returns x and the pending update dx for
-        the next layer, the new token-shift states h1, h2, the WKV state and this layer's v
-        (B, 1, C). Within `record_barriers()` the launch's barrier words are recorded."""
+        (B, H, N, N); `barrier` the model's barrier words (`barrier_words`) and this layer's
+        index; `after` an output of the launch that must finish before this one starts (MLX
+        orders launches only through shared arrays, and two of these must never run at once),
+        `threadgroups` at most the resident count. Returns x and the pending update dx for the
+        next layer, the new token-shift states h1, h2, the WKV state and this layer's v (B, 1, C)."""
         B, _, C = x.shape
         H, N = state.shape[1], state.shape[-1]
         att_in, lora_up, att_out, ffn_key, ffn_value = self.groups
@@ -157,39 +157,31 @@ class LayerArena:
                     *((f"Q_{name}", int(g.has_q4k)) for name, g in
                       (("IN", att_in), ("OUT", att_out), ("KEY", ffn_key), ("VAL", ffn_value)))]
         row, flat = (B, C), (B * C,)
-        x1, h1, proj, y_att, new_state, dx_att, x2, h2, kbuf, dx_ffn, bar = get_kernel(LAYER_DECODE)(
+        words, layer = barrier
+        x1, h1, proj, y_att, new_state, dx_att, x2, h2, kbuf, dx_ffn = get_kernel(LAYER_DECODE)(
             inputs=[x, x if dx is None else dx, att_prev, ffn_prev, x if v_first is None else v_first, self.vecs,
                     self.params, self.segs, self.wd, self.wq, state,
-                    int_params(1, B, threadgroups, *virtual), after],
+                    int_params(1, B, threadgroups, *virtual, layer, words.size // BARRIER_WORDS), words, after],
             template=template, grid=(threadgroups * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
             output_shapes=[row, row, (B * att_in.rows,), flat, state.shape, flat, x.shape, row,
-                           (B * ffn_key.rows,), x.shape, (BARRIER_WORDS,)],
-            output_dtypes=[x.dtype] * 4 + [mx.float32] + [x.dtype] * 5 + [mx.uint32], init_value=0)
-        if _recorded is not None:
-            _recorded.append(bar)
+                           (B * ffn_key.rows,), x.shape],
+            output_dtypes=[x.dtype] * 4 + [mx.float32] + [x.dtype] * 5)
         v = proj[2 * B * C: 3 * B * C].reshape(B, 1, C)
         return x2, dx_ffn, h1, new_state, h2, v
 
 
-_recorded: list[mx.array] | None = None
+def barrier_words(n_layer: int) -> mx.array:
+    """A model's grid-barrier words: BARRIER_WORDS per layer, zero (evaluated: they are written
+    in place by the launches, so they must be a buffer of their own)."""
+    words = mx.zeros((n_layer * BARRIER_WORDS,), mx.uint32)
+    mx.eval(words)
+    return words
 
 
-@contextmanager
-def record_barriers() -> Iterator[list[mx.array]]:
-    """Within the block, the barrier words of every layer launch that a forward pass builds
-    (uncompiled: a compiled step builds its graph once): `gave_up(words)` tells whether a
-    threadgroup's wait gave up, so the launch's threadgroups were not all resident."""
-    global _recorded
-    _recorded = []
-    try:
-        yield _recorded
-    finally:
-        _recorded = None
-
-
-def gave_up(words: list[mx.array]) -> bool:
-    """Whether any of these launches' grid-barrier waits gave up."""
-    return any(int(w[GAVE_UP].item()) for w in words)
+def gave_up(words: mx.array) -> bool:
+    """Whether a grid-barrier wait of any launch on these words gave up (its threadgroups were
+    not all resident at once): the flag stays set."""
+    return bool(mx.any(words.reshape(-1, BARRIER_WORDS)[:, GAVE_UP] != 0).item())
 
 
 def fits(rows: int, C: int, N: int, dtype: mx.Dtype) -> bool:

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import ModelConfig
-from .layer_kernel import LayerArena, resident_threadgroups
+from .layer_kernel import LayerArena, barrier_words, resident_threadgroups
 from .layer_kernel import fits as layer_fits
 from .matvec import ProjectionGroup, pack_host_weights
 from .norm_mix import layer_norm_host, norm_mix_host
@@ -93,9 +93,11 @@ class RWKV7:
             for g in groups:
                 g.to_mlx()
         # decode in one launch per layer where the GPU allows (layer_kernel.py); else five
-        self.layer_threadgroups = 0 if self.on_host else resident_threadgroups()
+        # (two layers at least: a launch re-zeroes the next layer's barrier count, see layer_decode.inc)
+        self.layer_threadgroups = 0 if self.on_host or len(self.layers) < 2 else resident_threadgroups()
         self.arenas = [LayerArena.build(layer, PARAM_NAMES, config.n_embd) for layer in self.layers] \
             if self.layer_threadgroups else []
+        self.barrier_words = barrier_words(len(self.layers)) if self.arenas else None
         self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
 
     # -- public API ---------------------------------------------------------------------
@@ -155,7 +157,8 @@ class RWKV7:
             if one_launch:  # layer 0 after the previous step's last layer (whose state it reads), the rest after x
                 after = state.ffn_x[-1] if i == 0 else x
                 x, dx, h_att, s, h_ffn, v = self.arenas[i].step(x, dx, state.att_x[i], state.ffn_x[i], v_first,
-                                                                state.wkv[i], after, self.layer_threadgroups)
+                                                                state.wkv[i], (self.barrier_words, i), after,
+                                                                self.layer_threadgroups)
                 v_first = v if v_first is None else v_first
                 att_x.append(h_att)
                 wkv.append(s)

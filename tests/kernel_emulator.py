@@ -244,16 +244,18 @@ class EmulatedKernel:
     def __init__(self, spec: kernels.KernelSpec, max_threads: int, launched: list[str]):
         self.spec, self.max_threads, self.launched = spec, max_threads, launched
 
-    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None):
+    def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
         threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
         if threads > self.max_threads:  # MLX's message (mlx/backend/metal/custom_kernel.cpp)
             raise ValueError(f"Thread group size ({threads}) is greater than  the maximum allowed "
                              f"threads per threadgroup ({self.max_threads}).")
         self.launched.append(self.spec.name)
-        ins = [np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)) for a in inputs]
-        # outputs start as NaN (or zero), as uninitialized GPU memory may hold anything; init_value fills them
-        outs = [np.full(shape, init_value if init_value is not None else
-                        np.nan if dt in (mx.float32, mx.float16) else 0xFFC0 if dt == mx.bfloat16 else 0,
+        # inputs are copies, except those the kernel writes in place: their MLX memory, as on the GPU
+        ins = [np.asarray(a) if name in self.spec.writes_inputs else
+               np.ascontiguousarray(np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a))
+               for name, a in zip(self.spec.inputs, inputs)]
+        assert all(ins[self.spec.inputs.index(n)].flags.writeable for n in self.spec.writes_inputs)
+        outs = [np.full(shape, np.nan if dt in (mx.float32, mx.float16) else 0xFFC0 if dt == mx.bfloat16 else 0,
                         NP_TYPES[dt]) for shape, dt in zip(output_shapes, output_dtypes)]
         lines = []
         for name, value in template:

@@ -303,10 +303,14 @@ def test_layer_kernel_matches_the_five_launches(monkeypatch, dtype, quant, B):
                 logits, state = model._run(ids[:, t:t + 1], state, all_logits=True)
                 outs.append(logits)
             mx.eval(outs, state.arrays())
-        return outs + state.arrays(), launched
+            words = None if model.barrier_words is None else np.array(model.barrier_words).reshape(-1, 32)
+        return outs + state.arrays(), launched, words
 
-    want, five = decode("0")
-    got, one = decode("3")
+    want, five, _ = decode("0")
+    got, one, words = decode("3")
+    # after a step: each launch counted 4 barriers x 3 threadgroups in its layer's words and zeroed
+    # the next layer's count, so layer 0's count is zero (the last launch zeroed it) and no wait gave up
+    assert words[:, 0].tolist() == [0] + [12] * (config.n_layer - 1) and not words[:, 16].any()
     assert "layer_decode" not in five and five.count("matvec_norm") == 2 * config.n_layer * 3
     assert one == (["layer_decode"] * config.n_layer + ["matvec"]) * 3  # + the head
     # the same operations, but the WKV phase has 4 lanes per state row instead of 8 (another sum
