@@ -34,6 +34,9 @@ DEVICE_FN float rwkv_warp_sum(float v) {
 DEVICE_FN float2 rwkv_half2_to_float2(uint u) {
   return __half22float2(*reinterpret_cast<const __half2*>(&u));
 }
+#ifndef GRID_WAIT_POLLS  // polls before a grid-barrier wait gives up (~1-4 s on a GPU)
+#define GRID_WAIT_POLLS (1u << 22)
+#endif
 // GRID_BARRIER(bar, target): every threadgroup adds one arrival to bar[0] and waits until the
 // count reaches target (the k-th barrier of a launch of n threadgroups: k * n), and what they
 // wrote before is visible after. Only for launches whose threadgroups are all resident at once
@@ -54,7 +57,7 @@ DEVICE_FN void rwkv_grid_sync(unsigned* bar, unsigned target) {
   atomicAdd(bar, 1u);
   volatile unsigned* count = bar;
   for (unsigned polls = 0; *count < target; ++polls) {
-    if (polls == (1u << 22)) {
+    if (polls == GRID_WAIT_POLLS) {
       atomicExch(bar + 16, 1u);
       break;
     }

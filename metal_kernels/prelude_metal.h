@@ -24,6 +24,9 @@
 #define HALF2_TO_FLOAT2(u) float2(as_type<half2>(uint(u)))
 // BYTE_F(word, i): 0.5 + b / 256 as a float for byte i of word, b < 128 (b in bits 16..23 of 0.5)
 #define BYTE_F(word, i) AS_FLOAT(0x3F000000u | ((((word) >> (8 * (i))) & 0xFFu) << 16))
+#ifndef GRID_WAIT_POLLS  // polls before a grid-barrier wait gives up (~1-4 s on a GPU)
+#define GRID_WAIT_POLLS (1u << 22)
+#endif
 // GRID_BARRIER(bar, target): every threadgroup adds one arrival to bar[0] and waits until the
 // count reaches target (the k-th barrier of a launch of n threadgroups: k * n). Only for launches
 // whose threadgroups are all resident at once (layer_decode.inc). bar: words that no other running
@@ -39,7 +42,7 @@
       atomic_fetch_add_explicit(count_, 1u, memory_order_relaxed);                                \
       for (uint polls_ = 0; atomic_load_explicit(count_, memory_order_relaxed) < (target);        \
            ++polls_) {                                                                            \
-        if (polls_ == (1u << 22)) {                                                               \
+        if (polls_ == GRID_WAIT_POLLS) {                                                               \
           atomic_store_explicit(count_ + 16, 1u, memory_order_relaxed);                           \
           break;                                                                                  \
         }                                                                                         \

@@ -39,6 +39,9 @@ C_TYPES = {mx.float32: "float", mx.float16: "_Float16", mx.bfloat16: "emu_bf16",
 NP_TYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.int32: np.int32,
             mx.uint32: np.uint32}  # bfloat16 travels as its bits
 BUILD_DIR = Path(tempfile.gettempdir()) / "rwkv_kernel_emulator"
+# polls before a grid-barrier wait gives up: a poll is one round of the scheduler over every thread,
+# and a phase of the layer kernel at test sizes takes thousands of rounds
+GRID_WAIT_POLLS = 1 << 16
 
 # The Metal names that metal_kernels/prelude_metal.h and the Metal index lines use, implemented
 # on the CPU; the prelude itself follows verbatim, so SIMD_SUM, SHARED, LOAD_U4, F16_BITS, ...
@@ -181,12 +184,11 @@ static void emu_start(EmuFiber& f) {{
   f.ctx.uc_link = &emu_main;
   makecontext(&f.ctx, emu_entry, 0);
 }}
-// groups threadgroups of `threads` threads, one after another, or all interleaved (`interleave`)
-extern "C" int run(uint groups, uint threads, void** args, int interleave) {{
+// groups threadgroups of `threads` threads, `batch` at a time interleaved (1: one after another)
+extern "C" int run(uint groups, uint threads, void** args, uint batch) {{
   emu_misaligned = 0;
   emu_bad_shuffle = 0;
   emu_args = args;
-  const uint batch = interleave ? groups : 1;  // threadgroups whose threads run together
   emu_fibers.resize(batch * threads);
   emu_group.n = threads;
   for (uint w = 0; w < 32; ++w) emu_warps[w].n = std::min(32u, threads - std::min(threads, 32 * w));
@@ -241,8 +243,8 @@ def _library(source: str) -> ctypes.CDLL:
 class EmulatedKernel:
     """Stands in for `mx.fast.metal_kernel(...)` / `cuda_kernel(...)` of one KernelSpec."""
 
-    def __init__(self, spec: kernels.KernelSpec, max_threads: int, launched: list[str]):
-        self.spec, self.max_threads, self.launched = spec, max_threads, launched
+    def __init__(self, spec: kernels.KernelSpec, max_threads: int, launched: list[str], resident: int | None = None):
+        self.spec, self.max_threads, self.launched, self.resident = spec, max_threads, launched, resident
 
     def __call__(self, *, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
         threads = threadgroup[0] * threadgroup[1] * threadgroup[2]
@@ -271,7 +273,8 @@ class EmulatedKernel:
             params.append(f"{C_TYPES[dt]}* {name}")
             call.append(f"({C_TYPES[dt]}*)args[{len(inputs) + i}]")
         header, body = kernels.render(self.spec, "metal")
-        source = (METAL_ON_CPU + header + SHARED_ON_CPU + "\n".join(lines) + RUNNER.format(
+        polls = f"#define GRID_WAIT_POLLS {GRID_WAIT_POLLS}u\n"
+        source = (METAL_ON_CPU + polls + header + SHARED_ON_CPU + "\n".join(lines) + RUNNER.format(
             params=", ".join(params), call=", ".join(call), source=body))
         lib = _library(source)
         threads = threadgroup[0]
@@ -280,8 +283,11 @@ class EmulatedKernel:
         # here: ProjectionGroup's kernel takes whole buffers and checks x_base alignment itself
         arrays = ins + outs
         args = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
-        interleave = int("GRID_BARRIER" in body)  # threadgroups that wait for each other run together
-        flags = lib.run(ctypes.c_uint(grid[0] // threads), ctypes.c_uint(threads), args, ctypes.c_int(interleave))
+        groups = grid[0] // threads
+        # threadgroups that wait for each other run together (all of them, unless `resident` says fewer fit)
+        batch = min(groups, self.resident or groups) if "GRID_BARRIER" in body else 1
+        assert groups % batch == 0, "the emulator runs whole batches of threadgroups"
+        flags = lib.run(ctypes.c_uint(groups), ctypes.c_uint(threads), args, ctypes.c_uint(batch))
         assert not flags & 1, f"{self.spec.name}: a 16-byte load or store at an unaligned address"
         assert not flags & 2, f"{self.spec.name}: a shuffle from a lane past a partial SIMD-group"
         return [mx.array(o).view(mx.bfloat16) if dt == mx.bfloat16 else mx.array(o)
@@ -289,17 +295,20 @@ class EmulatedKernel:
 
 
 @contextlib.contextmanager
-def emulated_kernels(max_threads: int = 1024):
+def emulated_kernels(max_threads: int = 1024, resident: int | None = None):
     """Within the block, `kernels.get_kernel` returns CPU-emulated kernels (needs g++); yields
     the names of the kernels launched, in order. A launch of more than `max_threads` threads per
     threadgroup raises MLX's error, as a Metal pipeline with that maxTotalThreadsPerThreadgroup
-    does; threadgroup_fits' answers are forgotten on entry and exit."""
+    does; threadgroup_fits' answers are forgotten on entry and exit. `resident`: how many
+    threadgroups of a grid-barrier kernel run at once (None: all), as on a GPU that holds only
+    that many; a grid-barrier wait gives up after GRID_WAIT_POLLS polls."""
     if shutil.which("g++") is None:
         import pytest
 
         pytest.skip("needs g++ to emulate the kernels")
     launched: list[str] = []
     with mock.patch.object(kernels, "gpu_backend", lambda: "metal"), \
-            mock.patch.object(kernels, "_build", lambda spec, backend: EmulatedKernel(spec, max_threads, launched)), \
+            mock.patch.object(kernels, "_build",
+                              lambda spec, backend: EmulatedKernel(spec, max_threads, launched, resident)), \
             mock.patch.object(kernels, "_threadgroup_fits", {}):
         yield launched

@@ -336,3 +336,33 @@ def test_sync_strategies_wait_after_the_layer_kernel(monkeypatch, every, syncs):
         with EvalHook(model, every) as hook:
             model._run(mx.zeros((1, 1), dtype=mx.int32), model.new_state(), all_logits=True)
     assert launched == ["layer_decode", "layer_decode", "matvec"] and hook.syncs == syncs
+
+
+def test_layer_kernel_gives_up_without_hanging_and_recovers(monkeypatch):
+    """Threadgroups that are not all resident (here one at a time): every grid-barrier wait gives
+    up after its polls instead of hanging, the flag says so, and each launch still leaves its
+    layer's count as a full launch does, so a later step with all threadgroups resident gives the
+    five launches' logits (nothing carried over but the flag)."""
+    import kernel_emulator
+    from conftest import _config
+    from mlx_rwkv import layer_kernel
+    from mlx_rwkv.loading import build_model
+    from mlx_rwkv.synth import synthesize
+
+    config = _config(n_layer=2, n_embd=256, vocab_size=300, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    weights = synthesize(config, seed=4, dtype=np.float16)
+    token = mx.array([[5]], dtype=mx.int32)
+    monkeypatch.setattr(kernel_emulator, "GRID_WAIT_POLLS", 300)
+    monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "0")
+    with emulated_kernels():
+        five = build_model(weights, config, "float16")
+        want = five._run(token, five.new_state(), all_logits=False)[0]
+    monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "3")
+    with emulated_kernels(resident=1):
+        model = build_model(weights, config, "float16")
+        mx.eval(model._run(token, model.new_state(), all_logits=False)[0])
+    words = np.array(model.barrier_words).reshape(-1, 32)
+    assert layer_kernel.gave_up(model.barrier_words) and words[:, 0].tolist() == [0, 12]
+    with emulated_kernels():
+        got = model._run(token, model.new_state(), all_logits=False)[0]
+    close(got, want, 2e-3)
