@@ -290,11 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from .chat import one_line
     from .generate import NonFiniteLogitsError
+    from .layer_kernel import GridBarrierError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (NonFiniteLogitsError, ValueError, ImportError, OSError) as e:  # CheckpointError, StateError, OutputError
+    except (NonFiniteLogitsError, GridBarrierError, ValueError, ImportError, OSError) as e:  # + CheckpointError, ...
         raise SystemExit(f"error: {one_line(e) if isinstance(e, OSError) else e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

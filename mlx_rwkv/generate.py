@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
+from .layer_kernel import check_barriers
 from .model import RWKV7
 from .sampling import Sampler, SamplingParams
 from .state import State
@@ -74,6 +75,7 @@ def stream_generate(model: RWKV7, tokenizer, prompt: str | Sequence[int], max_to
     if bad:
         raise ValueError(f"stop token {bad[0]} is outside this model's vocabulary (0..{V - 1})")
     stops = set(stop_tokens)
+    barriers = getattr(model, "barrier_words", None)  # (the WebGPU engine has no layer kernel)
     sampler = Sampler(sampling or SamplingParams(), model.config.vocab_size, seed=seed,
                       banned=getattr(tokenizer, "textless_ids", ()))  # ids that have no text
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -88,6 +90,7 @@ def stream_generate(model: RWKV7, tokenizer, prompt: str | Sequence[int], max_to
         now = time.perf_counter()
         t_first = t_first or now
         if token < 0:
+            check_barriers(barriers)  # the layer kernel's give-up, if that is the cause
             if on_nonfinite == "raise":
                 raise NonFiniteLogitsError(f"non-finite logits after {len(ids) + n} tokens")
             reason = "nonfinite"
@@ -107,6 +110,7 @@ def stream_generate(model: RWKV7, tokenizer, prompt: str | Sequence[int], max_to
         yield GenerationChunk(ready, token, len(ids), emitted, len(ids) / (t_first - t0),
                               n / (now - t_first) if n else 0.0, mx.get_peak_memory() / 2**20)
     tail = pending + decoder.decode(b"", final=True) if flush else pending
+    check_barriers(barriers)  # the opt-in layer kernel: one read per generation
     now = time.perf_counter()
     t_first = t_first or now
     yield GenerationChunk(tail, -1, len(ids), emitted, len(ids) / (t_first - t0),

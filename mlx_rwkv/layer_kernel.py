@@ -1,8 +1,8 @@
 """Decode in one launch per layer: the persistent kernel of metal_kernels/layer_decode.inc.
 
 The five launches of a decode layer (model.py) become five phases of one kernel whose
-threadgroups meet at a grid-wide barrier between phases, so a 1.5B step is 25 launches instead
-of 124. A grid barrier only works while every threadgroup of the launch is resident at once, so
+threadgroups meet at a grid-wide barrier between phases, so a 1.5B step is 28 kernel nodes
+instead of 124 (24 layer launches, and the step's 4 other nodes). A grid barrier only works while every threadgroup of the launch is resident at once, so
 a launch has at most as many threadgroups as the GPU holds (`resident_threadgroups`):
 - `MLX_RWKV_LAYER_KERNEL=sm` (CUDA): one 256-thread block per SM (any register count fits one
   such block on an SM), the SMs counted once per process by a probe kernel that records the
@@ -75,9 +75,9 @@ def requested_threadgroups() -> int | None:
 def resident_threadgroups() -> int:
     """How many threadgroups the layer kernel launches (0: the kernel is off): the requested
     count; for "sm" one per SM on CUDA, and off on Metal (which has no SM count to read)."""
+    requested = requested_threadgroups()  # (a bad value fails here, on every device)
     if get_kernel(LAYER_DECODE) is None:
         return 0
-    requested = requested_threadgroups()
     if requested is not None:
         return requested
     return count_sms() if kernels.gpu_backend() == "cuda" else 0
@@ -176,6 +176,19 @@ def barrier_words(n_layer: int) -> mx.array:
     words = mx.zeros((n_layer * BARRIER_WORDS,), mx.uint32)
     mx.eval(words)
     return words
+
+
+class GridBarrierError(RuntimeError):
+    """A grid-barrier wait of the layer kernel gave up: the results since are wrong."""
+
+
+def check_barriers(words: mx.array | None) -> None:
+    """Raise GridBarrierError if a layer-kernel launch on these words (a model's
+    `barrier_words`; None: the kernel is off) gave up a wait."""
+    if words is not None and gave_up(words):
+        raise GridBarrierError(
+            f"the layer kernel's threadgroups were not all resident at once (a grid-barrier wait gave up), so "
+            f"this output is wrong: set {ENV}=0, or fewer threadgroups than the GPU holds at once")
 
 
 def gave_up(words: mx.array) -> bool:

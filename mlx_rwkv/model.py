@@ -94,7 +94,8 @@ class RWKV7:
                 g.to_mlx()
         # decode in one launch per layer where the GPU allows (layer_kernel.py); else five
         # (two layers at least: a launch re-zeroes the next layer's barrier count, see layer_decode.inc)
-        self.layer_threadgroups = 0 if self.on_host or len(self.layers) < 2 else resident_threadgroups()
+        requested = resident_threadgroups()  # (checks MLX_RWKV_LAYER_KERNEL on every device)
+        self.layer_threadgroups = 0 if self.on_host or len(self.layers) < 2 else requested
         self.arenas = [LayerArena.build(layer, PARAM_NAMES, config.n_embd) for layer in self.layers] \
             if self.layer_threadgroups else []
         self.barrier_words = barrier_words(len(self.layers)) if self.arenas else None

@@ -366,3 +366,29 @@ def test_layer_kernel_gives_up_without_hanging_and_recovers(monkeypatch):
     with emulated_kernels():
         got = model._run(token, model.new_state(), all_logits=False)[0]
     close(got, want, 2e-3)
+
+
+def test_generation_reports_a_grid_barrier_that_gave_up(monkeypatch):
+    """A generation through the layer kernel whose waits gave up ends in GridBarrierError (the
+    text is wrong; the CLI prints it as one line), and a bad MLX_RWKV_LAYER_KERNEL fails at load
+    on any device."""
+    import kernel_emulator
+    from conftest import _config
+    from mlx_rwkv import layer_kernel
+    from mlx_rwkv.generate import generate
+    from mlx_rwkv.loading import build_model
+    from mlx_rwkv.synth import synthesize
+    from mlx_rwkv.tokenizer import ByteTokenizer
+
+    config = _config(n_layer=2, n_embd=256, vocab_size=256, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    weights = synthesize(config, seed=4, dtype=np.float16)
+    monkeypatch.setattr(kernel_emulator, "GRID_WAIT_POLLS", 300)
+    monkeypatch.setattr(mx, "compile", lambda f: f)  # the emulator runs eagerly
+    monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "3")
+    with emulated_kernels(resident=1):
+        model = build_model(weights, config, "float16")
+        with pytest.raises(layer_kernel.GridBarrierError, match="MLX_RWKV_LAYER_KERNEL=0"):
+            generate(model, ByteTokenizer(), [1, 2], max_tokens=2, stop_tokens=[])
+    monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "abc")
+    with pytest.raises(ValueError, match="MLX_RWKV_LAYER_KERNEL must be"):
+        build_model(weights, config, "float32")  # the CPU path, where the kernel never runs
