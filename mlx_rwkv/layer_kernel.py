@@ -198,12 +198,12 @@ def gave_up(words: mx.array) -> bool:
 
 
 def fits(rows: int, C: int, N: int, dtype: mx.Dtype) -> bool:
-    """Whether a decode step of `rows` sequences can take the layer kernel: the rows are one
-    mat-vec tile and fit the phase's threadgroup memory, and N * (THREADS / N) lanes cover a head
-    as wkv7.inc needs."""
+    """Whether a decode step of `rows` sequences of a model with arenas (so a GPU kernel exists)
+    can take the layer kernel: the rows are one mat-vec tile and fit the phase's threadgroup
+    memory, and N * (THREADS / N) lanes cover a head as wkv7.inc needs."""
     lanes = THREADS // N
     return (rows <= TILE_ROWS and rows * C * dtype.size <= MAX_TILE_BYTES and THREADS % N == 0
-            and 32 % lanes == 0 and N % lanes == 0 and get_kernel(LAYER_DECODE) is not None)
+            and 32 % lanes == 0 and N % lanes == 0)
 
 
 def _concat_words(groups: tuple[ProjectionGroup, ...], name: str) -> tuple[mx.array, list[int]]:

@@ -96,8 +96,9 @@ class RWKV7:
         # (two layers at least: a launch re-zeroes the next layer's barrier count, see layer_decode.inc)
         requested = resident_threadgroups()  # (checks MLX_RWKV_LAYER_KERNEL on every device)
         self.layer_threadgroups = 0 if self.on_host or len(self.layers) < 2 else requested
-        self.arenas = [LayerArena.build(layer, PARAM_NAMES, config.n_embd) for layer in self.layers] \
+        arenas = [LayerArena.build(layer, PARAM_NAMES, config.n_embd) for layer in self.layers] \
             if self.layer_threadgroups else []
+        self.arenas = arenas if all(arenas) else []  # every layer's, or none
         self.barrier_words = barrier_words(len(self.layers)) if self.arenas else None
         self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
 
@@ -152,8 +153,7 @@ class RWKV7:
         att_x, wkv, ffn_x = [], [], []
         v_first = None
         nt = B * T  # activation rows of every projection
-        one_launch = T == 1 and self.arenas and all(self.arenas) and \
-            layer_fits(nt, self.config.n_embd, self.config.head_size, x.dtype)
+        one_launch = T == 1 and self.arenas and layer_fits(nt, self.config.n_embd, self.config.head_size, x.dtype)
         for i, layer in enumerate(self.layers):
             if one_launch:  # layer 0 after the previous step's last layer (whose state it reads), the rest after x
                 after = state.ffn_x[-1] if i == 0 else x

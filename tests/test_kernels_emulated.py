@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kernel_emulator import emulated_kernels
+from mlx_rwkv.config import ModelConfig
 from mlx_rwkv.matvec import MAX_ROWS, ProjectionGroup, Segment
 from mlx_rwkv import wkv
 from mlx_rwkv.norm_mix import norm_mix
@@ -277,19 +278,25 @@ def test_threadgroup_memory_read_before_write_fails(monkeypatch):
     assert np.isnan(_run_probe(monkeypatch, group_one_reads_group_zero)[64:]).all()
 
 
+def _layer_model(vocab_size: int = 300) -> tuple[ModelConfig, dict]:
+    """The layer-kernel tests' model: 2 layers, C = 256 (4 heads of 64), float16 synthetic weights."""
+    from conftest import _config
+    from mlx_rwkv.synth import synthesize
+
+    config = _config(n_layer=2, n_embd=256, vocab_size=vocab_size, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    return config, synthesize(config, seed=4, dtype=np.float16)
+
+
 @pytest.mark.parametrize("dtype,quant,B", [("float32", False, 1), ("float16", True, 1), ("bfloat16", False, 2),
                                            ("float16", False, 2)])
 def test_layer_kernel_matches_the_five_launches(monkeypatch, dtype, quant, B):
     """Decode through the persistent layer kernel (one launch per layer, 3 threadgroups that take
     turns over every phase's virtual threadgroups and meet at grid barriers) against the five
     launches per layer, three steps from a zero state (layer 0 without a pending update, then with)."""
-    from conftest import _config
     from mlx_rwkv.loading import build_model
     from mlx_rwkv.quant import quantize_model
-    from mlx_rwkv.synth import synthesize
 
-    config = _config(n_layer=2, n_embd=256, vocab_size=300, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
-    weights = synthesize(config, seed=4, dtype=np.float16)
+    config, weights = _layer_model()
     if quant:
         weights = quantize_model(weights, include_head=True)
     ids = mx.array(np.random.default_rng(B).integers(0, config.vocab_size, (B, 3)), dtype=mx.int32)
@@ -324,15 +331,13 @@ def test_layer_kernel_matches_the_five_launches(monkeypatch, dtype, quant, B):
 def test_sync_strategies_wait_after_the_layer_kernel(monkeypatch, every, syncs):
     """The per-op and per-layer strategies of the sync experiment with decode in one launch per
     layer: a layer's launch is one op and a layer end (2 layers, then the head for "op")."""
-    from conftest import _config
     from mlx_rwkv.loading import build_model
-    from mlx_rwkv.synth import synthesize
     from mlx_rwkv.sync_strategies import EvalHook
 
-    config = _config(n_layer=2, n_embd=256, vocab_size=300, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
+    config, weights = _layer_model()
     monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "2")
     with emulated_kernels() as launched:
-        model = build_model(synthesize(config, seed=4, dtype=np.float16), config, "float16")
+        model = build_model(weights, config, "float16")
         with EvalHook(model, every) as hook:
             model._run(mx.zeros((1, 1), dtype=mx.int32), model.new_state(), all_logits=True)
     assert launched == ["layer_decode", "layer_decode", "matvec"] and hook.syncs == syncs
@@ -344,13 +349,10 @@ def test_layer_kernel_gives_up_without_hanging_and_recovers(monkeypatch):
     layer's count as a full launch does, so a later step with all threadgroups resident gives the
     five launches' logits (nothing carried over but the flag)."""
     import kernel_emulator
-    from conftest import _config
     from mlx_rwkv import layer_kernel
     from mlx_rwkv.loading import build_model
-    from mlx_rwkv.synth import synthesize
 
-    config = _config(n_layer=2, n_embd=256, vocab_size=300, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
-    weights = synthesize(config, seed=4, dtype=np.float16)
+    config, weights = _layer_model()
     token = mx.array([[5]], dtype=mx.int32)
     monkeypatch.setattr(kernel_emulator, "GRID_WAIT_POLLS", 300)
     monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "0")
@@ -373,15 +375,12 @@ def test_generation_reports_a_grid_barrier_that_gave_up(monkeypatch):
     text is wrong; the CLI prints it as one line), and a bad MLX_RWKV_LAYER_KERNEL fails at load
     on any device."""
     import kernel_emulator
-    from conftest import _config
     from mlx_rwkv import layer_kernel
     from mlx_rwkv.generate import generate
     from mlx_rwkv.loading import build_model
-    from mlx_rwkv.synth import synthesize
     from mlx_rwkv.tokenizer import ByteTokenizer
 
-    config = _config(n_layer=2, n_embd=256, vocab_size=256, d_decay=32, d_aaa=32, d_mv=32, d_gate=64)
-    weights = synthesize(config, seed=4, dtype=np.float16)
+    config, weights = _layer_model(vocab_size=256)  # ByteTokenizer's ids
     monkeypatch.setattr(kernel_emulator, "GRID_WAIT_POLLS", 300)
     monkeypatch.setattr(mx, "compile", lambda f: f)  # the emulator runs eagerly
     monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "3")
