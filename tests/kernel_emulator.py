@@ -12,10 +12,10 @@ interleaving is deterministic. Threadgroup memory is filled with NaN bytes befor
 threadgroup, so a read before a write shows in the results. A kernel with a grid-wide barrier
 (GRID_BARRIER: threadgroups wait for each other) runs all its threadgroups interleaved, each with
 its own threadgroup memory and barrier state (swapped in when the scheduler moves to one of its
-threads); an atomic load yields, so a thread polling a flag lets the others run. So the production wrappers (ProjectionGroup, norm_mix,
-wkv7) run end to end with their kernels in CI, where no GPU exists; bugs in the kernels' index
-arithmetic, staging and reductions show up there. The hardware's own intrinsics only run on the
-GPU host.
+threads); an atomic load yields, so a thread polling a flag lets the others run. So the
+production wrappers (ProjectionGroup, norm_mix, wkv7) run end to end with their kernels in CI,
+where no GPU exists; bugs in the kernels' index arithmetic, staging and reductions show up there.
+The hardware's own intrinsics only run on the GPU host.
 """
 from __future__ import annotations
 
@@ -193,14 +193,15 @@ extern "C" int run(uint groups, uint threads, void** args, uint batch) {{
   emu_group.n = threads;
   for (uint w = 0; w < 32; ++w) emu_warps[w].n = std::min(32u, threads - std::min(threads, 32 * w));
   const size_t size = __start_emu_tg ? size_t(__stop_emu_tg - __start_emu_tg) : 0;
-  emu_states.assign(batch, EmuGroupState());
-  for (EmuGroupState& st : emu_states) {{
-    st.group = emu_group;
-    std::copy(emu_warps, emu_warps + 32, st.warps);
-    st.memory.assign(size, char(0xFF));  // NaN
-  }}
   for (uint g0 = 0; g0 < groups; g0 += batch) {{
-    if (size) std::memset(__start_emu_tg, 0xFF, size);  // NaN
+    // every threadgroup of the batch starts with NaN threadgroup memory and fresh barriers
+    emu_states.assign(batch, EmuGroupState());
+    for (EmuGroupState& st : emu_states) {{
+      st.group = emu_group;
+      std::copy(emu_warps, emu_warps + 32, st.warps);
+      st.memory.assign(size, char(0xFF));
+    }}
+    if (size) std::memset(__start_emu_tg, 0xFF, size);  // (group 0's state starts in the globals)
     for (EmuFiber& f : emu_fibers) emu_start(f);
     uint loaded = 0;  // the threadgroup whose state is in the globals
     for (uint left = batch * threads; left > 0;) {{
