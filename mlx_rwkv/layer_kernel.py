@@ -2,8 +2,9 @@
 
 The five launches of a decode layer (model.py) become five phases of one kernel whose
 threadgroups meet at a grid-wide barrier between phases, so a 1.5B step is 28 kernel nodes
-instead of 124 (24 layer launches, and the step's 4 other nodes). A grid barrier only works while every threadgroup of the launch is resident at once, so
-a launch has at most as many threadgroups as the GPU holds (`resident_threadgroups`):
+instead of 124 (24 layer launches, and the step's 4 other nodes). A grid barrier only works
+while every threadgroup of the launch is resident at once, so a launch has at most as many
+threadgroups as the GPU holds (`resident_threadgroups`):
 - `MLX_RWKV_LAYER_KERNEL=sm` (CUDA): one 256-thread block per SM (any register count fits one
   such block on an SM), the SMs counted once per process by a probe kernel that records the
   %smid of many short blocks;
