@@ -5,7 +5,7 @@
 #     kernels-big kernels-sweep ncu-prefill-q4k ncu-kernels ncu-matvec ncu-decode ncu-decode-q4k
 #     ncu-detail ncu-detail-decode scan ncu-scan mlx mlx-1.5b graph-size q4k webgpu-kernel
 #     webgpu-kernel-sweep webgpu-q4k-decode webgpu-profile webgpu
-#     layer-kernel decode-profile bench-batch bench-sync bench-context bench-sizes bench-sync-2.9b bench-serve bench-plots)
+#     layer-kernel llama-peer decode-profile bench-batch bench-sync bench-context bench-sizes bench-sync-2.9b bench-serve bench-plots)
 # Each step has its own time limit so one 10-minute device call can hold several.
 # The full `mlx-rwkv bench` matrix (issue 15) in two device calls of <= 9 minutes:
 #   call 1: bash bench/gpu_session.sh bench-sync bench-context               (<= 300 + 200 s)
@@ -67,14 +67,18 @@ for step in "$@"; do
                run ncu_decode_$p 150 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision $p \
                > $out/decode_$p.csv && python3 -m bench.kernel_times summarize $out/decode_$p.csv"; done ;;
     # the persistent layer kernel (issue 14): GPU correctness, decode with and without it in one run, ncu
-    layer-kernel) run test_layer_kernel 150 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/test_layer_kernel.py
-               MLX_RWKV_LAYER_KERNEL=sm run bench_layer 200 "${bench[@]}" --shapes 1.5B --precisions q4k f16 \
-               --strategies compiled webgpu-one-submit --official
-               MLX_RWKV_LAYER_KERNEL=0 run bench_five 120 "${bench[@]}" --results-dir /tmp/five --shapes 1.5B \
+    # (the official package's 1.5B rows come from bench-sync, which this step would double in time)
+    layer-kernel) run test_layer_kernel 120 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/test_layer_kernel.py
+               MLX_RWKV_LAYER_KERNEL=sm run bench_layer 170 "${bench[@]}" --shapes 1.5B --precisions q4k f16 \
+               --strategies compiled webgpu-one-submit
+               MLX_RWKV_LAYER_KERNEL=0 run bench_five 90 "${bench[@]}" --results-dir /tmp/five --shapes 1.5B \
                --precisions q4k f16 --engines mlx --strategies compiled
                cp /tmp/five/*.json "$out/five-launches.json" 2>/dev/null
-               MLX_RWKV_LAYER_KERNEL=sm run ncu_layer_q4k 120 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
+               MLX_RWKV_LAYER_KERNEL=sm run ncu_layer_q4k 100 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
                > $out/decode_q4k.csv && python3 -m bench.kernel_times summarize $out/decode_q4k.csv" ;;
+    # llama.cpp's CUDA build as a peer (issue 14): LLAMA_BENCH names a llama-bench binary built for sm_90
+    llama-peer) run llama_peer 240 python3 -m bench.llama_peer --llama-bench "${LLAMA_BENCH:?set LLAMA_BENCH}" \
+               --shape 1.5B --precisions q4k f16 --write ;;
     # batched decode: aggregate tok/s of B sequences through the same kernels
     bench-batch) run bench_batch 200 "${bench[@]}" --shapes 1.5B --precisions f16 q4k --engines mlx \
                --strategies compiled --batches 8 32 64 ;;
