@@ -391,3 +391,34 @@ def test_generation_reports_a_grid_barrier_that_gave_up(monkeypatch):
     monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "abc")
     with pytest.raises(ValueError, match="MLX_RWKV_LAYER_KERNEL must be"):
         build_model(weights, config, "float32")  # the CPU path, where the kernel never runs
+
+
+def test_server_fails_requests_after_a_grid_barrier_gave_up(monkeypatch):
+    """The server's batching engine, through a layer kernel whose waits gave up: a finishing
+    request fails with the layer kernel's error instead of ending well, and its state is not cached."""
+    import queue
+
+    import kernel_emulator
+    from mlx_rwkv.loading import build_model
+    from mlx_rwkv.serve.cache import PrefixCache
+    from mlx_rwkv.serve.engine import Delta, Engine, Failed, Request
+    from mlx_rwkv.serve.row_sampler import RowParams
+    from mlx_rwkv.tokenizer import ByteTokenizer
+
+    config, weights = _layer_model(vocab_size=256)
+    monkeypatch.setattr(kernel_emulator, "GRID_WAIT_POLLS", 300)
+    monkeypatch.setattr(mx, "compile", lambda f: f)  # the emulator runs eagerly
+    monkeypatch.setenv("MLX_RWKV_LAYER_KERNEL", "3")
+    with emulated_kernels(resident=1):
+        model = build_model(weights, config, "float16")
+        engine = Engine(model, ByteTokenizer(), max_batch=2, cache=PrefixCache(2**20), pad_batches=False)
+        engine.start()
+        try:
+            events = queue.Queue()
+            engine.submit(Request((1, 2), RowParams(temperature=0), 3), events.put)
+            while isinstance(ev := events.get(timeout=120), Delta):
+                pass
+        finally:
+            engine.stop()
+    assert isinstance(ev, Failed) and ev.status == 500 and "MLX_RWKV_LAYER_KERNEL=0" in ev.message, ev
+    assert engine.stats()["cache"]["entries"] == 1  # the prompt's state (prefill: no layer kernel), not the answer's

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 
 from ..kernels import gpu_backend
+from ..layer_kernel import GridBarrierError, check_barriers
 from ..model import RWKV7
 from ..state import State
 from .cache import PrefixCache
@@ -281,16 +282,29 @@ class Engine:
                 finished.append((seq, reason, final, logits[i]))
         if finished:
             mx.eval([(final.arrays(), row_logits) for _, _, final, row_logits in finished])  # one wait for all
+            broken = self._layer_kernel_gave_up()
             for seq, reason, final, row_logits in finished:
+                if broken:  # its text is wrong, and so is its state: neither is kept
+                    _send(seq, Failed(broken))
+                    continue
                 self.cache.insert(seq.req.prompt + tuple(seq.generated[:-1]), final, row_logits)
                 self._finish(seq, reason)
         if leaving:
             self._leave(leaving)
 
+    def _layer_kernel_gave_up(self) -> str | None:
+        """The error of the opt-in layer kernel when one of its grid-barrier waits gave up (read
+        once per step that finishes requests or meets non-finite logits, as generation does)."""
+        try:
+            check_barriers(self.model.barrier_words)
+        except GridBarrierError as e:
+            return f"generation failed: {e}"
+        return None
+
     def _accept(self, seq: _Seq, token: int) -> str | None:
         """Take a sampled token: emit its text; the finish reason, "failed", or None to go on."""
-        if token < 0:
-            _send(seq, Failed("the model produced non-finite logits"))
+        if token < 0:  # the layer kernel's give-up, if that is the cause
+            _send(seq, Failed(self._layer_kernel_gave_up() or "the model produced non-finite logits"))
             return "failed"
         seq.generated.append(token)
         req = seq.req
