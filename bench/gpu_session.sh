@@ -71,9 +71,8 @@ for step in "$@"; do
     layer-kernel) run test_layer_kernel 120 python3 -m pytest -q -x -p no:cacheprovider --tb=short tests/test_layer_kernel.py
                MLX_RWKV_LAYER_KERNEL=sm run bench_layer 170 "${bench[@]}" --shapes 1.5B --precisions q4k f16 \
                --strategies compiled webgpu-one-submit
-               MLX_RWKV_LAYER_KERNEL=0 run bench_five 90 "${bench[@]}" --results-dir /tmp/five --shapes 1.5B \
-               --precisions q4k f16 --engines mlx --strategies compiled
-               cp /tmp/five/*.json "$out/five-launches.json" 2>/dev/null
+               MLX_RWKV_LAYER_KERNEL=0 run bench_five 90 "${bench[@]}" --shapes 1.5B \
+               --precisions q4k f16 --engines mlx --strategies compiled  # records of their own (no layer_kernel field)
                MLX_RWKV_LAYER_KERNEL=sm run ncu_layer_q4k 100 bash -c "${ncu[*]} python3 -m bench.kernel_times run decode --precision q4k \
                > $out/decode_q4k.csv && python3 -m bench.kernel_times summarize $out/decode_q4k.csv" ;;
     # llama.cpp's CUDA build as a peer (issue 14): LLAMA_BENCH names a llama-bench binary built for sm_90

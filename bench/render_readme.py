@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from mlx_rwkv.bench_records import STRATEGIES, read_results
+from mlx_rwkv.bench_records import STRATEGIES, read_results, strategy_label
 from mlx_rwkv.benchmark import MATRIX_BYTES, weight_bytes_per_token
 from mlx_rwkv.config import SHAPES, config_for_shape
 from mlx_rwkv.output_files import OutputError
@@ -74,12 +74,13 @@ def sync_table(doc: Doc) -> str | None:
     models = sorted({_model_key(r) for r in rows})
     out, shown = [], []
     for model in models:
-        mine = sorted((r for r in rows if _model_key(r) == model), key=lambda r: STRATEGIES.index(r["strategy"]))
-        if len({r["strategy"] for r in mine}) < 2:
+        mine = sorted((r for r in rows if _model_key(r) == model),
+                      key=lambda r: (STRATEGIES.index(r["strategy"]), strategy_label(r)))
+        if len({strategy_label(r) for r in mine}) < 2:
             continue
         best = max(r["tok_s"] for r in mine)
         shown += mine
-        out += [[r["shape"], r["precision"], r["strategy"], r["engine"], _rate(r),
+        out += [[r["shape"], r["precision"], strategy_label(r), r["engine"], _rate(r),
                  f"{r['tok_s'] / best:.2f}", _num(r.get("syncs_per_token"), "{:g}"),
                  _num(r.get("kernels_per_token"), "{:g}")] for r in mine]
     if not out:
@@ -103,7 +104,7 @@ def size_table(doc: Doc) -> str | None:
     for key in sorted(best):
         r = best[key]
         gb_s = r["tok_s"] * weight_bytes_per_token(config_for_shape(r["shape"]), r["precision"]) / 1e9
-        rows.append([r["shape"], r["precision"], r["engine"], r["strategy"], _rate(r), _num(gb_s, "{:,.0f}"),
+        rows.append([r["shape"], r["precision"], r["engine"], strategy_label(r), _rate(r), _num(gb_s, "{:,.0f}"),
                      _num(r.get("roofline_fraction"), "{:.1%}"), _num(r.get("peak_memory_mb"), "{:,.0f}")])
     return _with_notes(table(["shape", "precision", "engine", "strategy", "decode tok/s", "weights GB/s",
                               "of copy bandwidth", "peak MB"], rows), list(best.values()))
@@ -114,7 +115,7 @@ def batch_table(doc: Doc) -> str | None:
     series: dict[tuple, dict[int, dict]] = {}
     for r in _decode(doc, 0, None):
         if r["engine"] == "mlx":
-            series.setdefault((*_model_key(r), r["strategy"]), {})[r.get("batch", 1)] = r
+            series.setdefault((*_model_key(r), strategy_label(r)), {})[r.get("batch", 1)] = r
     series = {k: v for k, v in series.items() if len(v) > 1 and 1 in v}
     if not series:
         return None
@@ -130,7 +131,7 @@ def context_table(doc: Doc) -> str | None:
     rows = [r for r in _decode(doc, None) if r.get("context") is not None]
     series: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        series.setdefault((*_model_key(r), r["engine"], r["strategy"]), {})[r["context"]] = r["tok_s"]
+        series.setdefault((*_model_key(r), r["engine"], strategy_label(r)), {})[r["context"]] = r["tok_s"]
     series = {k: v for k, v in series.items() if len(v) > 1}
     if not series:
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bench_records import STRATEGIES
+from .bench_records import STRATEGIES, strategy_label
 from .config import SHAPES, config_for_shape
 from .output_files import check_output
 
@@ -37,19 +37,21 @@ def plot_sync(doc: dict[str, Any], path: Path) -> bool:
     with more than one strategy at context 0; the syncs per token are written on the bars."""
     rows = [r for r in _decode(doc["records"]) if not r.get("context") and r["strategy"] in STRATEGIES]
     models = sorted({(r["shape"], r["precision"]) for r in rows}, key=_model_order)
-    models = [m for m in models if len({r["strategy"] for r in rows if (r["shape"], r["precision"]) == m}) > 1]
+    models = [m for m in models if len({strategy_label(r) for r in rows if (r["shape"], r["precision"]) == m}) > 1]
     if not models:
         return False
+    # each strategy, and beside it the same with decode in one launch per layer where measured
+    labels = sorted({strategy_label(r) for r in rows}, key=lambda s: (STRATEGIES.index(s.split(" ")[0]), s))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(models) + 2), 4.5))
-    width = 0.8 / len(STRATEGIES)
-    for j, strategy in enumerate(STRATEGIES):
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
         for i, model in enumerate(models):
-            rec = next((r for r in rows if (r["shape"], r["precision"]) == model and r["strategy"] == strategy), None)
+            rec = next((r for r in rows if (r["shape"], r["precision"]) == model and strategy_label(r) == label), None)
             if rec is None:
                 continue
-            x = i + (j - (len(STRATEGIES) - 1) / 2) * width
-            ax.bar(x, rec["tok_s"], width, color=f"C{j}", label=strategy)
+            x = i + (j - (len(labels) - 1) / 2) * width
+            ax.bar(x, rec["tok_s"], width, color=f"C{j}", label=label)
             if rec.get("syncs_per_token") is not None:
                 ax.text(x, rec["tok_s"], f"{rec['syncs_per_token']:g}", ha="center", va="bottom", fontsize=6)
     handles, labels = ax.get_legend_handles_labels()
@@ -101,7 +103,7 @@ def plot_size(doc: dict[str, Any], path: Path) -> bool:
 def plot_context(doc: dict[str, Any], path: Path) -> bool:
     """Decode tok/s against the tokens of context before it, per (engine, shape, precision)."""
     rows = [r for r in _decode(doc["records"]) if r.get("context") is not None]
-    series = sorted({(r["engine"], r["shape"], r["precision"], r["strategy"]) for r in rows})
+    series = sorted({_series(r) for r in rows})
     series = [s for s in series if len({r["context"] for r in rows if _series(r) == s}) > 1]
     if not series:
         return False
@@ -141,7 +143,7 @@ def plot_results(doc: dict[str, Any], out_dir: str | Path, stem: str, force: boo
 
 
 def _series(r: dict) -> tuple[str, str, str, str]:
-    return r["engine"], r["shape"], r["precision"], r["strategy"]
+    return r["engine"], r["shape"], r["precision"], strategy_label(r)
 
 
 def _model_order(model: tuple[str, str]) -> tuple[int, str, str]:

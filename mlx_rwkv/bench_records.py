@@ -21,7 +21,7 @@ from typing import Any
 from .checkpoint.files import atomic_output
 from .output_files import OutputError
 
-KEY_FIELDS = ("engine", "shape", "precision", "mode", "strategy", "batch", "tokens", "context")
+KEY_FIELDS = ("engine", "shape", "precision", "mode", "strategy", "batch", "tokens", "context", "layer_kernel")
 # DESIGN.md's names: where the host waits, per engine ("hybrid": WebGPU + the MLX Q4_K mat-vec)
 MLX_STRATEGIES = ("compiled", "whole-pass", "per-layer", "per-op")
 WEBGPU_STRATEGIES = ("webgpu-one-submit", "webgpu-per-op")
@@ -34,6 +34,12 @@ def engine_of(strategy: str) -> str:
     """The engine a strategy runs on ("mlx", "webgpu" or "hybrid")."""
     return "mlx" if strategy in MLX_STRATEGIES else "webgpu" if strategy in WEBGPU_STRATEGIES else "hybrid"
 BANDWIDTH_BYTES = 256 << 20  # the copy that measures device bandwidth (H100 L2: 50 MB)
+
+
+def strategy_label(r: dict[str, Any]) -> str:
+    """A record's strategy, saying so when MLX decoded each layer in one launch (`layer_kernel`:
+    its threadgroups; records without the field ran five launches per layer)."""
+    return r["strategy"] + (" + layer kernel" if r.get("layer_kernel") else "")
 
 
 def device_name() -> str:

@@ -200,6 +200,8 @@ def mlx_decode(model: RWKV7, strategy: str, plan: Plan, shape: str, precision: s
     rec = record("mlx", plan.label(shape), precision, "decode", strategy, batch=batch, tokens=steps, rates=rates,
                  kernels_per_token=kernels, syncs_per_token=float(syncs), peak_memory_mb=peak_mb(),
                  context=context, weights=WEIGHTS_NOTE)
+    if model.one_launch_per_layer(batch):  # the persistent layer kernel's threadgroups (a record of its own)
+        rec["layer_kernel"] = model.layer_threadgroups
     rec["roofline_fraction"] = _roofline(rec["tok_s"], model.config, precision, plan.bandwidth_gb_s)
     return rec
 

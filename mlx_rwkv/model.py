@@ -102,6 +102,10 @@ class RWKV7:
         self.barrier_words = barrier_words(len(self.layers)) if self.arenas else None
         self._compiled_step = self._step_arrays if self.on_host else mx.compile(self._step_arrays)
 
+    def one_launch_per_layer(self, rows: int) -> bool:
+        """Whether a decode step of `rows` sequences runs each layer in one launch (layer_kernel.py)."""
+        return bool(self.arenas) and layer_fits(rows, self.config.n_embd, self.config.head_size, self.emb.dtype)
+
     # -- public API ---------------------------------------------------------------------
     def new_state(self, batch_size: int = 1) -> State:
         return State.zeros(self.config, batch_size, self.dtype)
@@ -153,7 +157,7 @@ class RWKV7:
         att_x, wkv, ffn_x = [], [], []
         v_first = None
         nt = B * T  # activation rows of every projection
-        one_launch = T == 1 and self.arenas and layer_fits(nt, self.config.n_embd, self.config.head_size, x.dtype)
+        one_launch = T == 1 and self.one_launch_per_layer(nt)
         for i, layer in enumerate(self.layers):
             if one_launch:  # layer 0 after the previous step's last layer (whose state it reads), the rest after x
                 after = state.ffn_x[-1] if i == 0 else x

@@ -229,3 +229,24 @@ def test_readme_batch_table_and_notes():
     assert "| 1.5B | q4k | compiled | 32 | (1,000.0)* | 10.0x |" in text and text.endswith("\\* a caveat")
     sync = render_readme.sync_table(doc)
     assert "1,000.0" not in sync and "| 1.5B | q4k | compiled | mlx | 100.0 | 1.00 |" in sync
+
+
+def test_layer_kernel_records_are_rows_of_their_own(tmp_path):
+    """A decode record with the persistent layer kernel (`layer_kernel`: its threadgroups) neither
+    replaces nor is replaced by the five-launch record of the same run, and the tables and the
+    sync plot name it apart."""
+    from mlx_rwkv import bench_plots
+    from mlx_rwkv.bench_records import read_results, record, write_results
+
+    def rec(rate, **extra):
+        return record("mlx", "1.5B", "q4k", "decode", "compiled", tokens=8, rates=[rate], context=0, **extra)
+
+    write_results([rec(300.0), rec(900.0, layer_kernel=132)], "x", results_dir=tmp_path, bandwidth_gb_s=3000.0)
+    path = write_results([rec(310.0)], "x", results_dir=tmp_path)  # a later five-launch run replaces its own row
+    doc = read_results(path)
+    assert sorted((r["tok_s"], r.get("layer_kernel")) for r in doc["records"]) == [(310.0, None), (900.0, 132)]
+    sync = render_readme.sync_table(doc)
+    assert "| 1.5B | q4k | compiled | mlx | 310.0 | 0.34 |" in sync
+    assert "| 1.5B | q4k | compiled + layer kernel | mlx | 900.0 | 1.00 |" in sync
+    pytest.importorskip("matplotlib")
+    assert bench_plots.plot_sync(doc, tmp_path / "sync.png") and (tmp_path / "sync.png").stat().st_size > 0
