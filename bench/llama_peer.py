@@ -60,6 +60,9 @@ def run_llama_bench(binary: Path, model: Path, tokens: int, repeats: int) -> dic
     results = json.loads(out.stdout)
     if not results:
         raise RuntimeError("llama-bench printed no result")
+    if not results[0].get("gpu_info"):  # a CUDA build that found no GPU runs on the CPU
+        raise RuntimeError(f"llama-bench ran on the CPU (no GPU found; backends {results[0].get('backends')!r}): "
+                           "not a GPU peer figure")
     return results[0]
 
 

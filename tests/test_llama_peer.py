@@ -27,7 +27,7 @@ assert arch == "rwkv7", arch
 width = int(reader.fields["rwkv7.embedding_length"].parts[-1][0])
 types = {{t.tensor_type.name for t in reader.tensors if t.name.endswith("channel_mix_key.weight")}}
 n, r = int(opt["-n"]), int(opt["-r"])
-print(json.dumps([{{"build_commit": "stand-in", "backends": "CUDA", "gpu_info": "none", "n_prompt": 0,
+print(json.dumps([{{"build_commit": "stand-in", "backends": "CUDA", "gpu_info": "Stand-in GPU", "n_prompt": 0,
                    "n_gen": n, "avg_ts": 100.0, "samples_ts": [100.0 + width + i for i in range(r)],
                    "types": sorted(types)}}]))
 """
@@ -64,6 +64,17 @@ def test_gguf_storage_per_precision(tmp_path, stand_in):
     for precision, want in (("q4k", ["Q4_K"]), ("f16", ["F16"])):
         model = llama_peer.convert(checkpoint, tmp_path / f"{precision}.gguf", llama_peer.GGUF_TYPES[precision])
         assert llama_peer.run_llama_bench(stand_in, model, tokens=4, repeats=1)["types"] == want
+
+
+def test_a_run_without_a_gpu_is_refused(tmp_path, stand_in):
+    """A CUDA build that finds no GPU falls back to the CPU (empty gpu_info): not a GPU peer figure."""
+    cpu = tmp_path / "cpu-llama-bench"
+    cpu.write_text(stand_in.read_text().replace('"Stand-in GPU"', '""'))
+    cpu.chmod(0o755)
+    llama_peer.write_synthetic(tmp_path / "m.safetensors", shape="0.1B", n_layer=1, n_embd=256)
+    model = llama_peer.convert(tmp_path / "m.safetensors", tmp_path / "m.gguf", "q4_k")
+    with pytest.raises(RuntimeError, match="ran on the CPU"):
+        llama_peer.run_llama_bench(cpu, model, tokens=4, repeats=1)
 
 
 def test_failure_is_reported(tmp_path):
