@@ -7,8 +7,8 @@ written to a temporary folder, exported with `mlx_rwkv.convert` (q4k: Q4_K linea
 head, as `mlx-rwkv quantize` writes them; f16: F16), and timed by llama.cpp's own benchmark
 tool: `llama-bench -p 0 -n TOKENS -r REPEATS -ngl 99 -o json` (text generation from an empty
 context, one sequence, every layer on the GPU). Build it with CUDA, e.g. from the sources in
-the llama-cpp-python sdist: `cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 &&
-cmake --build build --target llama-bench`.
+the llama-cpp-python sdist (the README gives the options used): `cmake -B build -DGGML_CUDA=ON
+-DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build build --target llama-bench`.
 
 Records (DESIGN.md's format): engine "llama.cpp", mode "decode", strategy "llama-bench",
 batch 1, tokens TOKENS, tok_s the median of llama-bench's per-repeat rates, plus its build
