@@ -6,7 +6,8 @@
 #     ncu-detail ncu-detail-decode scan ncu-scan mlx mlx-1.5b graph-size q4k webgpu-kernel
 #     webgpu-kernel-sweep webgpu-q4k-decode webgpu-profile webgpu
 #     layer-kernel llama-peer decode-profile bench-batch bench-sync bench-context bench-sizes bench-sync-2.9b bench-serve bench-plots)
-# Each step has its own time limit so one 10-minute device call can hold several.
+# Each step has its own time limit so one 10-minute device call can hold several; bench/gpu_call.sh
+# wraps a device call around them (install, this commit, results tarred into $OUT as they come).
 # The full `mlx-rwkv bench` matrix (issue 15) in two device calls of <= 9 minutes:
 #   call 1: bash bench/gpu_session.sh bench-sync bench-context               (<= 300 + 200 s)
 #   call 2: bash bench/gpu_session.sh bench-sizes bench-sync-2.9b              (<= 240 + 200 s)
