@@ -41,7 +41,7 @@ def plot_sync(doc: dict[str, Any], path: Path) -> bool:
     if not models:
         return False
     # each strategy, and beside it the same with decode in one launch per layer where measured
-    labels = sorted({strategy_label(r) for r in rows}, key=lambda s: (STRATEGIES.index(s.split(" ")[0]), s))
+    labels = [label for _, label in sorted({(STRATEGIES.index(r["strategy"]), strategy_label(r)) for r in rows})]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(models) + 2), 4.5))
     width = 0.8 / len(labels)

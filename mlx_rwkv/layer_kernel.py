@@ -183,13 +183,20 @@ class GridBarrierError(RuntimeError):
     """A grid-barrier wait of the layer kernel gave up: the results since are wrong."""
 
 
-def check_barriers(words: mx.array | None) -> None:
-    """Raise GridBarrierError if a layer-kernel launch on these words (a model's
-    `barrier_words`; None: the kernel is off) gave up a wait."""
-    if words is not None and gave_up(words):
-        raise GridBarrierError(
-            f"the layer kernel's threadgroups were not all resident at once (a grid-barrier wait gave up), so "
+def barrier_error(words: mx.array | None) -> str | None:
+    """What went wrong if a layer-kernel launch on these words (a model's `barrier_words`; None:
+    the kernel is off) gave up a wait, else None."""
+    if words is None or not gave_up(words):
+        return None
+    return (f"the layer kernel's threadgroups were not all resident at once (a grid-barrier wait gave up), so "
             f"this output is wrong: set {ENV}=0, or fewer threadgroups than the GPU holds at once")
+
+
+def check_barriers(words: mx.array | None) -> None:
+    """Raise GridBarrierError with `barrier_error`'s message if a wait gave up."""
+    error = barrier_error(words)
+    if error:
+        raise GridBarrierError(error)
 
 
 def gave_up(words: mx.array) -> bool:

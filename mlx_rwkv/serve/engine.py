@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 
 from ..kernels import gpu_backend
-from ..layer_kernel import GridBarrierError, check_barriers
+from ..layer_kernel import barrier_error
 from ..model import RWKV7
 from ..state import State
 from .cache import PrefixCache
@@ -295,11 +295,8 @@ class Engine:
     def _layer_kernel_gave_up(self) -> str | None:
         """The error of the opt-in layer kernel when one of its grid-barrier waits gave up (read
         once per step that finishes requests or meets non-finite logits, as generation does)."""
-        try:
-            check_barriers(self.model.barrier_words)
-        except GridBarrierError as e:
-            return f"generation failed: {e}"
-        return None
+        error = barrier_error(self.model.barrier_words)
+        return f"generation failed: {error}" if error else None
 
     def _accept(self, seq: _Seq, token: int) -> str | None:
         """Take a sampled token: emit its text; the finish reason, "failed", or None to go on."""
